@@ -1,0 +1,3 @@
+from metaapo_nemo.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,204 @@
+"""The run's configuration: one dataclass per concern, every key documented where it is declared.
+
+Recipes (top-level `recipes/`) return a `MetaAPOConfig`; NeMo-Run overrides (`algo.beta=0.2`) and
+`python -m metaapo_nemo run` overrides address the same fields. `validate()` checks the whole tree
+before anything heavy starts and says what to change.
+"""
+
+import ast
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+
+@dataclass
+class PolicyConfig:
+    hf_path: Optional[str] = None  # HF Llama/Qwen2 checkpoint folder; None: the embedded task's SFT model
+    lr: float = 5e-7  # policy learning rate (paper Table B.4)
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    clip_grad: float = 1.0  # global grad-norm clip; 0 disables
+    warmup_steps: int = 0  # linear learning-rate warm-up, in optimiser steps, restarted each iteration
+    max_prompt_length: int = 2048  # prompts are left-truncated to this many tokens
+    max_length: int = 4096  # prompt + response tokens in training; responses are cut beyond it
+    bf16: bool = False  # bf16 autocast for the policy and reference forward/backward
+
+
+@dataclass
+class ReferenceConfig:
+    hf_path: Optional[str] = None  # None: the policy's starting checkpoint (the SFT model in the paper)
+    roll_forward: bool = False  # True: reference := current policy at each iteration start (reference code); paper text: off
+
+
+@dataclass
+class DataConfig:
+    train: Optional[str] = None  # preference pairs (.jsonl, .parquet or a datasets.save_to_disk folder)
+    eval: Optional[str] = None  # held-out prompts, same formats; `prompt` is enough
+    skip_invalid: bool = False  # skip and count records that break the schema instead of stopping
+    max_train_pairs: Optional[int] = None  # use only the first N pairs (quick trials)
+    max_eval_prompts: Optional[int] = 256  # evaluate on at most N held-out prompts
+
+
+@dataclass
+class RewardConfig:
+    url: Optional[Union[str, list[str]]] = None  # remote reward server(s); None: start `reward_fn` locally
+    token: Optional[str] = None  # bearer token for the server
+    reward_fn: Optional[str] = None  # MODULE:FUNCTION served by the local server when url is None
+    model_dir: Optional[str] = None  # or a Bradley-Terry reward model folder served locally
+    timeout_s: float = 120.0  # per HTTP request
+    max_retries: int = 3  # retries on connection errors, timeouts and 5xx (requests are idempotent)
+    batch_size: int = 256  # (prompt, response) pairs per request
+
+
+@dataclass
+class AlgoConfig:
+    name: str = "metaapo"  # metaapo, dpo, ipo, simpo, cdpo, online_dpo, selm, adpo, metaapo_<ablation>
+    loss: Optional[str] = None  # preference loss dpo|cdpo|ipo|simpo; None: the one `name` implies (dpo for metaapo)
+    iterations: int = 3  # N sequential slices of the offline data (Algorithm 1)
+    num_samples: int = 8  # K policy samples per selected prompt
+    beta: float = 0.1  # DPO/IPO beta (SimPO uses simpo_beta)
+    beta_s: float = 1.0  # preference-score scale: score = log sigmoid(beta_s * margin) (Eq. 4)
+    label_smoothing: float = 0.0  # cDPO epsilon
+    simpo_beta: float = 2.5
+    simpo_gamma: float = 0.6  # SimPO target margin
+    meta_interval: int = 8  # T_meta: meta-learner update every T optimiser steps (Eq. 6)
+    meta_lr: float = 5e-3
+    meta_weight_decay: float = 1e-4
+    threshold: float = -0.5  # score threshold for threshold-sampling ablation / offline-loss threshold for ADPO
+    keep_ties: bool = False  # keep online pairs whose K rewards are all equal (uninformative); default drop and count
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "torch"  # torch (CPU/GPU, KV cache) | trtllm (TensorRT-LLM, GPU only)
+    temperature: float = 1.0  # Llama setting; Qwen 0.8
+    top_p: float = 1.0  # Llama setting; Qwen 0.95
+    max_new_tokens: int = 2048
+    eval_samples: int = 1  # policy samples per held-out prompt for the reward evaluation
+    eval_temperature: float = 1.0
+
+
+@dataclass
+class TrainerConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    global_batch_size: int = 128  # prompts per optimiser step (each with its offline and online pair)
+    micro_batch_size: int = 2  # prompts per forward/backward
+    epochs_per_iteration: int = 1  # passes over an iteration's training set
+    num_threads: Optional[int] = None  # torch intra-op threads; None: torch's default
+    log_every: int = 1  # optimiser steps between metric lines on the console
+
+
+@dataclass
+class EmbeddedTaskConfig:
+    """The toy task tiny_cpu builds for itself (metaapo_nemo/data/toy_task.py) when no checkpoint or data is given."""
+    enabled: bool = False
+    cache_dir: str = "~/.cache/metaapo_nemo"  # tokenizer, SFT and warm-up models, data files
+    num_train_pairs: int = 1536
+    num_eval_prompts: int = 128
+    sft_examples: int = 8192
+    sft_steps: int = 600
+    sft_batch_size: int = 64
+    sft_lr: float = 3e-3
+    warmup_dpo_steps: int = 20  # DPO warm-up of the SFT model on the offline pairs (Algorithm 1's start)
+    warmup_dpo_lr: float = 5e-5
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    ffn_hidden_size: int = 352
+
+
+@dataclass
+class MetaAPOConfig:
+    output_dir: str = "results/metaapo"
+    seed: int = 1234
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    task: EmbeddedTaskConfig = field(default_factory=EmbeddedTaskConfig)
+
+    def validate(self) -> None:
+        """Raise ConfigError naming each bad key and what to set instead."""
+        from metaapo_nemo.algorithm.strategies import resolve_strategy
+
+        problems = []
+        try:
+            resolve_strategy(self.algo.name, self.algo.loss)
+        except ValueError as e:
+            problems.append(f"algo.name/algo.loss: {e}")
+        positive = {
+            "algo.iterations": self.algo.iterations, "algo.num_samples": self.algo.num_samples,
+            "algo.meta_interval": self.algo.meta_interval, "trainer.global_batch_size": self.trainer.global_batch_size,
+            "trainer.micro_batch_size": self.trainer.micro_batch_size, "rollout.max_new_tokens": self.rollout.max_new_tokens,
+            "trainer.epochs_per_iteration": self.trainer.epochs_per_iteration,
+        }
+        problems += [f"{k}={v}: must be a positive integer" for k, v in positive.items() if not (isinstance(v, int) and v > 0)]
+        if self.trainer.global_batch_size % self.trainer.micro_batch_size:
+            problems.append(f"trainer.global_batch_size={self.trainer.global_batch_size} must be a multiple of "
+                            f"trainer.micro_batch_size={self.trainer.micro_batch_size}")
+        if self.algo.num_samples < 2:
+            problems.append("algo.num_samples must be >= 2: the online pair is the best and worst of K samples")
+        if self.algo.beta <= 0:
+            problems.append(f"algo.beta={self.algo.beta}: must be > 0")
+        if not 0 <= self.algo.label_smoothing < 0.5:
+            problems.append(f"algo.label_smoothing={self.algo.label_smoothing}: must be in [0, 0.5)")
+        if not 0 < self.rollout.top_p <= 1:
+            problems.append(f"rollout.top_p={self.rollout.top_p}: must be in (0, 1]")
+        if self.rollout.temperature <= 0:
+            problems.append(f"rollout.temperature={self.rollout.temperature}: must be > 0")
+        if self.rollout.engine not in ("torch", "trtllm"):
+            problems.append(f"rollout.engine={self.rollout.engine!r}: use 'torch' or 'trtllm'")
+        if not self.task.enabled:
+            if self.policy.hf_path is None:
+                problems.append("policy.hf_path is not set: give a Hugging Face checkpoint folder (or use --recipe tiny_cpu)")
+            if self.data.train is None:
+                problems.append("data.train is not set: give a preference file (jsonl/parquet/save_to_disk folder)")
+            if self.data.eval is None:
+                problems.append("data.eval is not set: give a file of held-out prompts")
+            if self.reward.url is None and self.reward.reward_fn is None and self.reward.model_dir is None:
+                problems.append("no reward model: set reward.url=URL, reward.reward_fn=MODULE:FUNCTION or reward.model_dir=DIR")
+        if problems:
+            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def apply_overrides(config: Any, overrides: list[str]) -> None:
+    """Apply `a.b=v` overrides (NeMo-Run syntax, plain assignment) to a dataclass tree in place."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. algo.beta=0.2")
+        *parents, leaf = key.strip().split(".")
+        target = config
+        for part in parents:
+            if not hasattr(target, part):
+                raise ConfigError(f"override {item!r}: no config section {part!r}")
+            target = getattr(target, part)
+        if not dataclasses.is_dataclass(target) or leaf not in {f.name for f in dataclasses.fields(target)}:
+            valid = ", ".join(f.name for f in dataclasses.fields(target)) if dataclasses.is_dataclass(target) else ""
+            raise ConfigError(f"override {item!r}: unknown key {leaf!r}; valid keys here: {valid}")
+        setattr(target, leaf, _parse_value(raw.strip()))
+
+
+def _parse_value(raw: str) -> Any:
+    lowered = raw.lower()
+    if lowered in ("none", "null"):
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw

@@ -1,0 +1,188 @@
+"""The embedded task of recipe ``tiny_cpu``: reverse a short string of letters.
+
+A prompt is ``rev:<letters>=`` (4 to 8 letters from ``LETTERS``) and the right answer is the
+letters reversed: ``rev:abcd=`` -> ``dcba``. Every piece the pipeline needs is generated here, so
+the whole MetaAPO loop (SFT, DPO warm-up, online iterations) runs on a laptop CPU with no download:
+
+- ``build_tokenizer``: a character-level tokenizer (one token per character, plus ``<pad>``,
+  ``<bos>``, ``<eos>``, ``<unk>``) that saves and reloads as a Hugging Face tokenizer.
+- ``reward``: a programmatic reward model, ``1 - edit_distance / max(len(answer), len(response))``.
+  It is graded (one wrong letter of eight scores 0.875, a missing letter 0.875, the input copied
+  unreversed much less), so the best and worst of K samples differ and an online pair carries
+  information even when no sample is perfect.
+- ``sft_responses``: a noisy demonstrator (right answers with random per-letter substitutions,
+  deletions and insertions). A model fine-tuned on it imitates the noise: its samples at
+  temperature 1 score well below 1 on average while the best of 8 is usually perfect, which is
+  the room online preference optimisation has to improve the policy.
+- ``offline_pairs``: preference pairs from a *different* behaviour policy whose errors are
+  systematic (dropping the last letter, doubling a letter, swapping neighbours, rotating, copying
+  the input unreversed) and which is rarely perfect. The chosen answer is the better of two of its
+  samples, so offline pairs seldom show the policy the best answer and describe mistakes the policy
+  does not make. Offline DPO on them gains little or lowers the reward, while best/worst pairs of
+  the policy's own samples lift it: the gap MetaAPO's meta-learner learns to exploit by sending
+  the prompts whose offline pair is uninformative to online sampling.
+"""
+
+import random
+import re
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+LETTERS = "abcdefgh"
+MIN_LETTERS, MAX_LETTERS = 4, 8
+PROMPT_PREFIX, PROMPT_SUFFIX = "rev:", "="
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+# The whole lower-case alphabet, digits and a little punctuation: the reward server and tests may
+# see text beyond the task's own letters, and it should tokenize without <unk>.
+CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789 :=.,?!'-"
+
+_PROMPT_PATTERN = re.compile(re.escape(PROMPT_PREFIX) + r"([a-z]*)" + re.escape(PROMPT_SUFFIX))
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer for the task, with bos/eos/pad set and no chat template.
+
+    Encoding adds no special tokens by itself (``batching.encode_prompt`` prepends ``<bos>``).
+    Decoding joins characters without spaces, so ``decode(encode(s)) == s``.
+    """
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + tuple(CHARACTERS))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+
+
+def make_prompts(n: int, seed: int, exclude: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """``n`` distinct prompts drawn from ``random.Random(seed)``, none of them in ``exclude``.
+
+    Pass the training prompts as ``exclude`` to draw a disjoint held-out set.
+    """
+    rng = random.Random(seed)
+    prompts: list[str] = []
+    seen = set(exclude)
+    while len(prompts) < n:
+        length = rng.randint(MIN_LETTERS, MAX_LETTERS)
+        prompt = PROMPT_PREFIX + "".join(rng.choice(LETTERS) for _ in range(length)) + PROMPT_SUFFIX
+        if prompt not in seen:
+            seen.add(prompt)
+            prompts.append(prompt)
+    return prompts
+
+
+def answer(prompt: str) -> str:
+    """The correct response to a prompt: its letters reversed.
+
+    The last ``rev:<letters>=`` in the text counts, so a prompt wrapped in other text (a chat
+    template, a leading ``<bos>``) still works.
+    """
+    matches = _PROMPT_PATTERN.findall(prompt)
+    if not matches:
+        raise ValueError(
+            f"toy task prompt {prompt!r} holds no '{PROMPT_PREFIX}<letters>{PROMPT_SUFFIX}'; "
+            "the toy reward only scores prompts made by toy_task.make_prompts"
+        )
+    return matches[-1][::-1]
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (unit-cost substitution, insertion, deletion)."""
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, start=1):
+        current = [i]
+        for j, char_b in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
+
+
+def reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """Score each response in [0, 1]: ``1 - edit_distance(response, answer) / max(lengths)``.
+
+    1.0 exactly for the right answer; each wrong, missing or extra letter costs about one letter's
+    share, and a response much longer than the answer tends to 0. Surrounding whitespace in the
+    response is ignored.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"reward got {len(prompts)} prompts but {len(responses)} responses; pass one response per prompt")
+    scores = []
+    for prompt, response in zip(prompts, responses):
+        target, response = answer(prompt), response.strip()
+        longest = max(len(target), len(response))
+        scores.append(1.0 if longest == 0 else 1.0 - _edit_distance(response, target) / longest)
+    return scores
+
+
+def _noisy(target: str, rng: random.Random, noise: float) -> str:
+    """The demonstrator's answer: each letter independently kept, or with probability ``noise``
+    replaced (60%), dropped (20%) or followed by an extra random letter (20%)."""
+    out = []
+    for char in target:
+        if rng.random() >= noise:
+            out.append(char)
+            continue
+        kind = rng.random()
+        if kind < 0.6:
+            out.append(rng.choice(LETTERS.replace(char, "")))
+        elif kind >= 0.8:
+            out.extend((char, rng.choice(LETTERS)))
+    return "".join(out)
+
+
+def sft_responses(prompts: list[str], seed: int, noise: float = 0.12) -> list[str]:
+    """Demonstrations for supervised fine-tuning: right answers with random per-letter errors.
+
+    With the default ``noise`` the mean reward is about 0.88 and about 40% of the answers are
+    perfect; a small model trained on them makes further errors of its own.
+    """
+    rng = random.Random(seed)
+    return [_noisy(answer(prompt), rng, noise) for prompt in prompts]
+
+
+def _behaviour_response(letters: str, rng: random.Random) -> str:
+    """One sample of the offline behaviour policy: the right answer with probability 0.04, else
+    one of its systematic mistakes (each drawn so that it really changes the answer)."""
+    target = letters[::-1]
+    if rng.random() < 0.04:
+        return target
+    position = rng.randrange(len(target))
+    swaps = [i for i in range(len(target) - 1) if target[i] != target[i + 1]]
+    mistakes = {
+        "drop the last letter": (0.25, target[:-1]),
+        "double a letter": (0.20, target[: position + 1] + target[position:]),
+        "copy the input": (0.15, letters),
+        "rotate by one": (0.15, target[1:] + target[0]),
+    }
+    if swaps:
+        i = rng.choice(swaps)
+        mistakes["swap neighbours"] = (0.25, target[:i] + target[i + 1] + target[i] + target[i + 2 :])
+    mistakes = {name: (weight, text) for name, (weight, text) in mistakes.items() if text != target}
+    weights, texts = zip(*mistakes.values())
+    return rng.choices(texts, weights=weights)[0]
+
+
+def offline_pairs(prompts: list[str], seed: int) -> list[dict[str, str]]:
+    """Offline preference pairs ``{"prompt", "chosen", "rejected"}`` from the behaviour policy.
+
+    Two behaviour samples are drawn per prompt until their rewards differ (a palindrome prompt,
+    where every mistake may tie, gets at most 100 draws and then keeps a tied pair); the higher
+    reward is chosen.
+    """
+    rng = random.Random(seed)
+    pairs = []
+    for prompt in prompts:
+        letters = answer(prompt)[::-1]
+        for _ in range(100):
+            first, second = _behaviour_response(letters, rng), _behaviour_response(letters, rng)
+            first_reward, second_reward = reward([prompt, prompt], [first, second])
+            if first_reward != second_reward:
+                break
+        chosen, rejected = (first, second) if first_reward >= second_reward else (second, first)
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return pairs

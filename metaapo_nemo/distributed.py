@@ -1,0 +1,95 @@
+"""torch.distributed and Megatron parallel state: one entry point for a laptop run (a single
+process, no launcher) and for torchrun jobs (TP x PP x DP ranks, gloo on CPU, nccl on GPU)."""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from megatron.core import parallel_state
+
+from metaapo_nemo.models import cpu_compat
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_process_group() -> None:
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)  # torchrun's env:// rendezvous
+        return
+    # No launcher: a world of one, on a port nobody else holds.
+    dist.init_process_group(
+        backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+    )
+
+
+def _parallel_sizes() -> tuple[int, int]:
+    return (
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+    )
+
+
+def init_distributed(
+    tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1, *, seed: int = 1234
+) -> None:
+    """Start torch.distributed (if needed), Megatron's TP/PP/DP groups and the RNG state.
+
+    Idempotent: a second call with the same sizes changes nothing; one with other sizes rebuilds
+    the Megatron groups. Data parallel size = world size / (TP x PP). `seed` must be the same on
+    every rank: with CPU initialisation each rank draws the full weight and keeps its shard.
+    """
+    if tensor_model_parallel_size < 1 or pipeline_model_parallel_size < 1:
+        raise ValueError(
+            f"parallel sizes must be >= 1, got TP={tensor_model_parallel_size} "
+            f"PP={pipeline_model_parallel_size}"
+        )
+    cpu_compat.apply_cpu_patches()
+    if not dist.is_initialized():
+        _start_process_group()
+    world = dist.get_world_size()
+    model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
+    if world % model_parallel:
+        raise ValueError(
+            f"world size {world} is not a multiple of TP x PP = {tensor_model_parallel_size} x "
+            f"{pipeline_model_parallel_size}; launch a multiple of {model_parallel} ranks or "
+            "lower the parallel sizes"
+        )
+    wanted = (tensor_model_parallel_size, pipeline_model_parallel_size)
+    if parallel_state.model_parallel_is_initialized():
+        if _parallel_sizes() == wanted:
+            return
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+    )
+    cpu_compat.seed_model_parallel_rng(seed)
+
+
+def is_rank0() -> bool:
+    """True on global rank 0, and in a process that never started torch.distributed."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    """All ranks wait here (no-op without torch.distributed)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def destroy_distributed() -> None:
+    """Tear down Megatron's groups and the default process group (tests, clean exits)."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,89 @@
+"""`nemo llm metaapo`: the NeMo-Run entry point and its recipes.
+
+Registered through the `nemo_run.cli` entry point named `llm` (pyproject.toml). NeMo-Run imports
+this module on every `nemo llm ...` call, so it imports nothing heavy: torch and megatron load
+only when the job runs. `--recipe NAME` is an alias of NeMo-Run's `--factory NAME`.
+"""
+
+import dataclasses
+
+import nemo_run as run
+
+from metaapo_nemo import config as C
+from metaapo_nemo import recipes
+
+
+class RecipeRunContext(run.cli.RunContext):
+    """NeMo-Run's RunContext with `--recipe NAME` / `--recipe=NAME` mapped onto `--factory`."""
+
+    def cli_execute(self, fn, args, entrypoint_type="task"):
+        args = list(args)
+        for i, arg in enumerate(args):
+            if arg == "--recipe":
+                if i + 1 >= len(args):
+                    raise run.cli.api.RunContextError("--recipe needs a name: " + ", ".join(recipes.RECIPES))
+                self.factory = args[i + 1]
+                del args[i : i + 2]
+                break
+            if arg.startswith("--recipe="):
+                self.factory = arg.split("=", 1)[1]
+                del args[i]
+                break
+        if self.factory is not None and self.factory not in recipes.RECIPES:
+            raise run.cli.api.RunContextError(
+                f"unknown recipe {self.factory!r}; available: {', '.join(sorted(recipes.RECIPES))}")
+        return super().cli_execute(fn, args, entrypoint_type)
+
+
+def metaapo(
+    output_dir: str = "results/metaapo",
+    seed: int = 1234,
+    policy: C.PolicyConfig = None,
+    reference: C.ReferenceConfig = None,
+    data: C.DataConfig = None,
+    reward: C.RewardConfig = None,
+    algo: C.AlgoConfig = None,
+    rollout: C.RolloutConfig = None,
+    trainer: C.TrainerConfig = None,
+    task: C.EmbeddedTaskConfig = None,
+) -> None:
+    """MetaAPO: meta-weighted adaptive preference optimisation (Algorithm 1) on megatron-core."""
+    sections = dict(policy=policy, reference=reference, data=data, reward=reward, algo=algo,
+                    rollout=rollout, trainer=trainer, task=task)
+    config = C.MetaAPOConfig(output_dir=output_dir, seed=seed,
+                             **{k: v for k, v in sections.items() if v is not None})
+    config.validate()
+    from metaapo_nemo.algorithm.metaapo import run_metaapo
+
+    run_metaapo(config)
+
+
+def to_partial(config: C.MetaAPOConfig) -> run.Partial:
+    """A recipe's dataclass tree as the run.Partial NeMo-Run overrides and serialises."""
+    def to_config(obj):
+        if dataclasses.is_dataclass(obj):
+            return run.Config(type(obj), **{f.name: to_config(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
+        return obj
+
+    return run.Partial(metaapo, **{f.name: to_config(getattr(config, f.name)) for f in dataclasses.fields(config)})
+
+
+@run.cli.factory(target=metaapo, name="tiny_cpu")
+def tiny_cpu() -> run.Partial:
+    return to_partial(recipes.tiny_cpu())
+
+
+@run.cli.factory(target=metaapo, name="llama31_8b")
+def llama31_8b() -> run.Partial:
+    return to_partial(recipes.llama31_8b())
+
+
+@run.cli.factory(target=metaapo, name="qwen25_7b")
+def qwen25_7b() -> run.Partial:
+    return to_partial(recipes.qwen25_7b())
+
+
+metaapo = run.cli.entrypoint(
+    metaapo, namespace="llm", run_ctx_cls=RecipeRunContext, default_factory=tiny_cpu,
+    help="MetaAPO alignment: nemo llm metaapo --recipe tiny_cpu --yes [overrides]",
+)

@@ -1,0 +1,27 @@
+"""The architecture of a Llama-family decoder, in one small record shared by the Megatron
+policy, the Hugging Face converter and the rollout engines."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_query_groups: int  # key/value heads (grouped-query attention); = heads for plain MHA
+    ffn_hidden_size: int  # SwiGLU inner width
+    max_position_embeddings: int = 2048
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    qkv_bias: bool = False  # Qwen2 puts a bias on q, k and v
+    tie_word_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)

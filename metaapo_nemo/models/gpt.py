@@ -1,0 +1,187 @@
+"""The policy and the reference model: a Llama / Qwen2-style megatron-core GPTModel.
+
+Built from the local (pure-PyTorch) layer spec, with one change: core attention calls
+torch.nn.functional.scaled_dot_product_attention, which on CPU runs a fused kernel where the
+local spec's baddbmm + softmax + bmm is the slowest part of a step (ECOSYSTEM.md, speed levers).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from metaapo_nemo.models.config import ModelConfig
+
+
+class SDPACoreAttention(MegatronModule):
+    """Megatron's core-attention slot filled by torch's scaled_dot_product_attention.
+
+    Tensors arrive per tensor-parallel partition, sequence first: query [sq, b, heads/tp, d],
+    key/value [sk, b, groups/tp, d]; the head counts are read from the shapes, so the module is
+    the same under any TP size. Returns [sq, b, heads/tp * d] as the local DotProductAttention does.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("SDPACoreAttention does not support context parallelism")
+        self.attn_mask_type = attn_mask_type
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        head_dim = config.kv_channels
+        self.softmax_scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Optional[Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[Tensor] = None,
+        packed_seq_params=None,
+    ) -> Tensor:
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("SDPACoreAttention takes neither packed sequences nor attention bias")
+        sq, b, heads, d = query.shape
+        sk = key.size(0)
+        # [s, b, n, d] -> [b, n, s, d], the layout SDPA wants.
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        is_causal = False
+        mask = None
+        if attention_mask is not None:
+            mask = ~attention_mask  # megatron: True = masked out; SDPA: True = attend
+        elif (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal and sq > 1:
+            if sq == sk:
+                is_causal = True
+            else:
+                # Queries are the last sq of sk positions (a KV cache); SDPA's is_causal would
+                # align them to the first ones.
+                mask = torch.ones(sq, sk, dtype=torch.bool, device=query.device).tril(sk - sq)
+        context = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout_p if self.training else 0.0,
+            is_causal=is_causal,
+            scale=self.softmax_scale,
+            enable_gqa=k.size(1) != heads,
+        )
+        # [b, n, sq, d] -> [sq, b, n * d]
+        return context.permute(2, 0, 1, 3).reshape(sq, b, heads * d)
+
+
+def llama_layer_spec() -> ModuleSpec:
+    """The local layer spec (RMSNorm, SwiGLU MLP) with SDPA as core attention."""
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return spec
+
+
+def transformer_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> TransformerConfig:
+    """Megatron's TransformerConfig for a Llama / Qwen2 decoder, sized for the current TP/PP."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        kv_channels=cfg.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_epsilon,
+        gated_linear_unit=True,  # SwiGLU: linear_fc1 = [gate; up]
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=cfg.qkv_bias,
+        rotary_interleaved=False,  # HF rotates halves, not interleaved pairs
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        # Every fused kernel below exists only for CUDA (or apex / transformer-engine).
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        use_cpu_initialization=True,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+    )
+
+
+def _check_divisible(cfg: ModelConfig, tp: int, pp: int) -> None:
+    problems = [
+        f"{name} {value} is not divisible by {what} {size}"
+        for name, value, what, size in (
+            ("num_attention_heads", cfg.num_attention_heads, "tensor_model_parallel_size", tp),
+            ("num_query_groups", cfg.num_query_groups, "tensor_model_parallel_size", tp),
+            ("vocab_size", cfg.vocab_size, "tensor_model_parallel_size", tp),
+            ("ffn_hidden_size", cfg.ffn_hidden_size, "tensor_model_parallel_size", tp),
+            ("num_layers", cfg.num_layers, "pipeline_model_parallel_size", pp),
+            ("num_attention_heads", cfg.num_attention_heads, "num_query_groups", cfg.num_query_groups),
+        )
+        if value % size
+    ]
+    if cfg.hidden_size % cfg.num_attention_heads:
+        problems.append(
+            f"hidden_size {cfg.hidden_size} is not divisible by num_attention_heads "
+            f"{cfg.num_attention_heads}"
+        )
+    if problems:
+        raise ValueError("model does not fit the parallel layout: " + "; ".join(problems))
+
+
+def build_gpt_model(
+    cfg: ModelConfig,
+    *,
+    pre_process: bool = True,
+    post_process: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> GPTModel:
+    """This rank's part of a Llama / Qwen2 decoder (call after `init_distributed`).
+
+    pre_process / post_process: whether this pipeline stage holds the embedding / the final norm
+    and LM head (first / last stage; both for PP=1). The LM head is left tensor-parallel
+    (parallel_output=True): log-probs go through vocab_parallel_cross_entropy.
+    """
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    _check_divisible(cfg, tp, pp)
+    return GPTModel(
+        config=transformer_config(cfg, dtype),
+        transformer_layer_spec=llama_layer_spec(),
+        vocab_size=cfg.vocab_size,
+        max_sequence_length=cfg.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=cfg.rotary_base,
+    )

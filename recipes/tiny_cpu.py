@@ -1,0 +1,26 @@
+"""tiny_cpu: MetaAPO end to end on a laptop CPU in minutes.
+
+With no checkpoint and no data given, the run builds its own world first (cached under
+task.cache_dir): a character tokenizer, a ~0.7M-parameter Llama trained by SFT on a toy task with
+a programmatic reward, offline preference pairs from a different (scripted) behaviour policy, a
+DPO warm-up of the SFT model on those pairs, and held-out prompts. The reward function is served
+by a local reward HTTP server process. See metaapo_nemo/data/toy_task.py for the task.
+"""
+from metaapo_nemo.config import (
+    AlgoConfig, DataConfig, EmbeddedTaskConfig, MetaAPOConfig, PolicyConfig, RewardConfig,
+    RolloutConfig, TrainerConfig,
+)
+
+
+def recipe() -> MetaAPOConfig:
+    return MetaAPOConfig(
+        output_dir="results/tiny_cpu",
+        seed=1234,
+        policy=PolicyConfig(lr=2e-5, clip_grad=1.0, max_prompt_length=64, max_length=96),
+        data=DataConfig(max_eval_prompts=128),
+        reward=RewardConfig(reward_fn="metaapo_nemo.data.toy_task:reward", timeout_s=30.0),
+        algo=AlgoConfig(name="metaapo", iterations=3, num_samples=8, beta=0.1, meta_interval=2),
+        rollout=RolloutConfig(temperature=1.0, top_p=1.0, max_new_tokens=24, eval_samples=4),
+        trainer=TrainerConfig(global_batch_size=32, micro_batch_size=32, num_threads=2, log_every=5),
+        task=EmbeddedTaskConfig(enabled=True),
+    )
