@@ -76,7 +76,8 @@ class MetaBuffer:
                 f"MetaBuffer.add needs three tensors of one shape [n], got shapes "
                 f"{tuple(score_off.shape)}, {tuple(loss_off.shape)}, {tuple(loss_on.shape)}"
             )
-        for store, value in ((self._score_off, score_off), (self._loss_off, loss_off), (self._loss_on, loss_on)):
+        stores = (self._score_off, self._loss_off, self._loss_on)
+        for store, value in zip(stores, (score_off, loss_off, loss_on)):
             store.append(value.detach().to(device="cpu", dtype=torch.float32))
         self.num_steps += 1
 
@@ -86,7 +87,8 @@ class MetaBuffer:
     def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
         """(score_off, loss_off, loss_on), each all buffered pairs concatenated [len(self)]."""
         empty = torch.empty(0, dtype=torch.float32)
-        return tuple(torch.cat(store) if store else empty for store in (self._score_off, self._loss_off, self._loss_on))
+        stores = (self._score_off, self._loss_off, self._loss_on)
+        return tuple(torch.cat(store) if store else empty for store in stores)
 
     def clear(self) -> None:
         self._score_off.clear()

@@ -33,10 +33,14 @@ def best_worst(rewards: Sequence[float]) -> tuple[int, int] | None:
 
 def _check_lengths(responses: Sequence[str], rewards: Sequence[float]) -> None:
     if len(responses) != len(rewards):
-        raise ValueError(f"got {len(responses)} responses but {len(rewards)} rewards: need one reward per response")
+        raise ValueError(
+            f"got {len(responses)} responses but {len(rewards)} rewards: need one reward per response"
+        )
 
 
-def build_online_pair(responses: Sequence[str], rewards: Sequence[float], keep_ties: bool) -> OnlinePair | None:
+def build_online_pair(
+    responses: Sequence[str], rewards: Sequence[float], keep_ties: bool
+) -> OnlinePair | None:
     """Best and worst of the K sampled responses (Online DPO / MetaAPO pairs).
 
     A tie returns None, or with keep_ties the pair (responses[0], responses[-1]), which carries

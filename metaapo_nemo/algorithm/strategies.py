@@ -55,7 +55,9 @@ class Strategy:
 
 
 _METAAPO = Strategy(sampling="meta", weighting="meta", pairs="online", objective="dpo")
-_OFFLINE = Strategy(sampling="none", weighting="offline_only", pairs="online", objective="dpo", meta_learner_trained=False)
+_OFFLINE = Strategy(
+    sampling="none", weighting="offline_only", pairs="online", objective="dpo", meta_learner_trained=False
+)
 
 STRATEGIES: dict[str, Strategy] = {
     "metaapo": _METAAPO,
@@ -63,9 +65,9 @@ STRATEGIES: dict[str, Strategy] = {
     "cdpo": replace(_OFFLINE, objective="cdpo"),
     "ipo": replace(_OFFLINE, objective="ipo"),
     "simpo": replace(_OFFLINE, objective="simpo"),
-    "online_dpo": Strategy(sampling="all", weighting="online_only", pairs="online", objective="dpo", meta_learner_trained=False),
-    "selm": Strategy(sampling="all", weighting="online_only", pairs="selm", objective="dpo", meta_learner_trained=False),
-    "adpo": Strategy(sampling="adpo", weighting="both", pairs="online", objective="dpo", meta_learner_trained=False),
+    "online_dpo": Strategy("all", "online_only", "online", "dpo", meta_learner_trained=False),
+    "selm": Strategy("all", "online_only", "selm", "dpo", meta_learner_trained=False),
+    "adpo": Strategy("adpo", "both", "online", "dpo", meta_learner_trained=False),
     "metaapo_random_sampling": replace(_METAAPO, sampling="random"),
     "metaapo_threshold_sampling": replace(_METAAPO, sampling="threshold"),
     "metaapo_all_sampling": replace(_METAAPO, sampling="all"),
@@ -129,7 +131,7 @@ def select_for_sampling(
 
     def need_threshold() -> float:
         if threshold is None:
-            raise ValueError(f"sampling={strategy.sampling!r} needs a threshold: set algo.sampling_threshold")
+            raise ValueError(f"sampling={strategy.sampling!r} needs a threshold: set algo.threshold")
         return threshold
 
     if strategy.sampling == "meta":

@@ -18,6 +18,9 @@ class ModelConfig:
     norm_epsilon: float = 1e-5
     qkv_bias: bool = False  # Qwen2 puts a bias on q, k and v
     tie_word_embeddings: bool = False
+    # Llama 3.1 "llama3" RoPE frequency scaling factor (low/high frequency factors 1 and 4 over
+    # 8192 original positions, as Llama 3.1 ships); None = plain RoPE
+    rope_scaling_factor: float | None = None
 
     @property
     def head_dim(self) -> int:

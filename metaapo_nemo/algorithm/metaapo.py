@@ -1,0 +1,575 @@
+"""Algorithm 1 of MetaAPO, top to bottom, phase by phase.
+
+For each of N sequential slices of the offline data:
+  1. score the slice with the policy and the frozen reference (reference log-probs cached);
+  2. w = h_phi(offline score); a prompt gets online samples iff its seeded draw u > w;
+  3. refit the rollout engine from the policy and generate K responses per selected prompt;
+  4. score the responses with the reward-model server; 5. best/worst -> online pair;
+  6. train one epoch on the selected prompts with L = mean[w L_off + (1 - w) L_on] (Eq. 5),
+     w recomputed under no_grad at every step; every T_meta optimiser steps h_phi takes a step on
+     the meta buffer (Eq. 6);
+  7. evaluate on held-out prompts, log, checkpoint.
+The baselines and ablations are `Strategy` settings of this same loop (strategies.py).
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from metaapo_nemo.algorithm.meta_learner import MetaBuffer, MetaLearner, make_meta_optimizer, meta_update
+from metaapo_nemo.algorithm.objectives import Objective, PairLogps, meta_weighted_loss
+from metaapo_nemo.algorithm.pairs import build_online_pair, build_selm_pair
+from metaapo_nemo.algorithm.sampling import uniform_draws
+from metaapo_nemo.algorithm.strategies import Strategy, loss_weights, offline_weight, resolve_strategy, select_for_sampling
+from metaapo_nemo.config import MetaAPOConfig
+from metaapo_nemo.metrics import Console, MetricsWriter
+
+
+@dataclass
+class Example:
+    """One offline tuple (x, y_w, y_l), tokenized, and what the current iteration adds to it."""
+    prompt_id: str
+    prompt_text: str  # what the reward model sees before the response
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    chosen_text: str
+    rejected_text: str
+    online: tuple[list[int], list[int]] | None = None  # (chosen ids, rejected ids) of the online pair
+
+
+@dataclass
+class RunState:
+    """Everything that carries across iterations and into a checkpoint besides the models."""
+    iteration: int = 0  # iterations completed
+    step: int = 0  # policy optimiser steps taken
+    considered: int = 0  # offline prompts that went through the sampling decision
+    annotated: int = 0  # prompts sent for online samples
+    online_pairs: int = 0
+    ties: int = 0
+    meta_updates: int = 0
+    reward_initial: float | None = None
+    rewards: list = field(default_factory=list)  # held-out reward after each iteration
+    seconds: dict = field(default_factory=lambda: dict(prepare=0.0, scoring=0.0, sampling=0.0, annotation=0.0,
+                                                       training=0.0, evaluation=0.0, meta=0.0))
+    train_tokens: int = 0
+    generated_tokens: int = 0
+
+
+def run_metaapo(config: MetaAPOConfig) -> dict:
+    return MetaAPORun(config).run()
+
+
+class MetaAPORun:
+    def __init__(self, config: MetaAPOConfig):
+        config.validate()
+        self.config = config
+        self.out = Path(config.output_dir)
+        self.strategy: Strategy = resolve_strategy(config.algo.name, config.algo.loss)
+        a = config.algo
+        self.objective = Objective(self.strategy.objective, beta=a.beta, beta_s=a.beta_s,
+                                   label_smoothing=a.label_smoothing, simpo_beta=a.simpo_beta, simpo_gamma=a.simpo_gamma)
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        from transformers import AutoTokenizer
+
+        from metaapo_nemo.data.batching import encode_prompt
+        from metaapo_nemo.data.schema import load_eval_prompts, load_preferences
+        from metaapo_nemo.distributed import init_distributed, is_rank0
+        from metaapo_nemo.models.cpu_compat import apply_cpu_patches
+        from metaapo_nemo.models.hf_convert import load_hf_checkpoint
+        from metaapo_nemo.models.policy import MegatronPolicy, OptimConfig
+        from metaapo_nemo.reward.client import RewardClient
+        from metaapo_nemo.rollout.torch_engine import TorchEngine
+
+        c = self.config
+        if c.trainer.num_threads:
+            torch.set_num_threads(c.trainer.num_threads)
+        apply_cpu_patches()
+        init_distributed(c.trainer.tensor_model_parallel_size, c.trainer.pipeline_model_parallel_size)
+        self.rank0 = is_rank0()
+        self.console = Console(enabled=self.rank0)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsWriter(self.out / "metrics.jsonl", enabled=self.rank0)
+        self.state = RunState()
+        torch.manual_seed(c.seed)
+        random.seed(c.seed)
+
+        started = time.perf_counter()
+        if c.task.enabled:
+            from metaapo_nemo.data.embedded import prepare_embedded_task
+
+            built = prepare_embedded_task(c.task, c.seed, self.console)
+            c.policy.hf_path = c.policy.hf_path or built.policy_dir
+            c.reference.hf_path = c.reference.hf_path or built.sft_dir
+            c.data.train = c.data.train or built.train
+            c.data.eval = c.data.eval or built.eval
+            if c.reward.url is None and c.reward.model_dir is None:
+                c.reward.reward_fn = c.reward.reward_fn or built.reward_fn
+        self.state.seconds["prepare"] = time.perf_counter() - started
+
+        self.tokenizer = AutoTokenizer.from_pretrained(c.policy.hf_path)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        model_cfg, policy_weights = load_hf_checkpoint(c.policy.hf_path)
+        ref_path = c.reference.hf_path or c.policy.hf_path
+        ref_cfg, ref_weights = (model_cfg, policy_weights) if ref_path == c.policy.hf_path else load_hf_checkpoint(ref_path)
+        if ref_cfg != model_cfg:
+            raise ValueError(f"reference.hf_path={ref_path} has a different architecture from policy.hf_path="
+                             f"{c.policy.hf_path}: the reference must be the policy's SFT ancestor")
+        self.model_cfg = model_cfg
+        p = c.policy
+        self.policy = MegatronPolicy(model_cfg, policy_weights, pad_id=self.tokenizer.pad_token_id, bf16=p.bf16,
+                                     optim=OptimConfig(lr=p.lr, weight_decay=p.weight_decay, betas=(p.adam_beta1, p.adam_beta2),
+                                                       clip_grad=p.clip_grad, warmup_steps=p.warmup_steps))
+        self.reference = (MegatronPolicy(model_cfg, ref_weights, pad_id=self.tokenizer.pad_token_id, bf16=p.bf16)
+                          if self.objective.needs_reference else None)
+        del policy_weights, ref_weights
+        self.meta = MetaLearner()
+        self.meta_optimizer = make_meta_optimizer(self.meta, lr=c.algo.meta_lr, weight_decay=c.algo.meta_weight_decay)
+        self.meta_buffer = MetaBuffer()
+
+        if c.rollout.engine == "trtllm":
+            raise NotImplementedError("rollout.engine=trtllm is not available in this build; use rollout.engine=torch")
+        self.engine = TorchEngine(model_cfg, eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
+
+        self.reward_server = None
+        urls = _reward_urls(c.reward.url)
+        if not urls:
+            from metaapo_nemo.reward.local import start_local_reward_server
+
+            self.console.log(f"reward: starting a local reward server ({c.reward.reward_fn or c.reward.model_dir})")
+            self.reward_server = start_local_reward_server(reward_fn=c.reward.reward_fn, model_dir=c.reward.model_dir,
+                                                           token=c.reward.token, log_file=str(self.out / "reward_server.log"))
+            urls = [self.reward_server.url]
+        self.reward = RewardClient(urls, token=c.reward.token, timeout_s=c.reward.timeout_s,
+                                   max_retries=c.reward.max_retries, batch_size=c.reward.batch_size)
+        self.reward.wait_until_healthy(c.reward.timeout_s)
+
+        records, skipped = load_preferences(c.data.train, skip_invalid=c.data.skip_invalid)
+        if c.data.max_train_pairs:
+            records = records[: c.data.max_train_pairs]
+        self.examples, truncated = self._tokenize(records)
+        eval_prompts, eval_skipped = load_eval_prompts(c.data.eval, skip_invalid=c.data.skip_invalid)
+        eval_prompts = eval_prompts[: c.data.max_eval_prompts]
+        self.eval_prompts = [self._prompt_text(p) for p in eval_prompts]
+        self.eval_ids = [encode_prompt(self.tokenizer, p)[-p_len:] for p, p_len in
+                         zip(eval_prompts, [c.policy.max_prompt_length] * len(eval_prompts))]
+        n = len(self.examples)
+        if n < c.algo.iterations:
+            raise ValueError(f"{n} preference pairs cannot fill algo.iterations={c.algo.iterations} slices")
+        bounds = [round(i * n / c.algo.iterations) for i in range(c.algo.iterations + 1)]
+        self.slices = [list(range(bounds[i], bounds[i + 1])) for i in range(c.algo.iterations)]
+        n_params = sum(t.numel() for t in self.policy.model.parameters())
+        self.console.log(f"{c.algo.name}: {n} pairs ({skipped} skipped, {truncated} truncated) in {c.algo.iterations} "
+                         f"iterations, {len(self.eval_prompts)} held-out prompts ({eval_skipped} skipped), "
+                         f"policy {n_params / 1e6:.2f}M parameters, reward at {', '.join(urls)}")
+        self.metrics.write("setup", 0, 0, pairs=n, skipped=skipped, truncated=truncated, eval_prompts=len(self.eval_prompts),
+                           parameters=n_params, algorithm=c.algo.name)
+
+    def _prompt_text(self, prompt) -> str:
+        if isinstance(prompt, str) and not self.tokenizer.chat_template:
+            return prompt
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _tokenize(self, records) -> tuple[list[Example], int]:
+        from metaapo_nemo.data.batching import encode_prompt, encode_response, truncate
+
+        p, examples, truncated = self.config.policy, [], 0
+        for r in records:
+            prompt = encode_prompt(self.tokenizer, r.prompt)
+            q1, chosen, t1 = truncate(prompt, encode_response(self.tokenizer, r.chosen), p.max_prompt_length, p.max_length)
+            q2, rejected, t2 = truncate(prompt, encode_response(self.tokenizer, r.rejected), p.max_prompt_length, p.max_length)
+            truncated += int(t1 or t2)
+            examples.append(Example(r.prompt_id, self._prompt_text(r.prompt), q1, chosen, rejected, r.chosen, r.rejected))
+        return examples, truncated
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        summary_path = self.out / "summary.json"
+        if summary_path.exists() and json.loads(summary_path.read_text()).get("finished"):
+            summary = json.loads(summary_path.read_text())
+            print(f"{self.out} holds a finished run; not running it again. Summary:")
+            _print_summary(summary)
+            return summary
+        run_started = time.perf_counter()
+        self.setup()
+        c, s = self.config, self.state
+        try:
+            resumed = self._load_checkpoint()
+            if not resumed:
+                self.metrics.truncate_after(-1)
+                self.metrics.write("setup", 0, 0, algorithm=c.algo.name, pairs=len(self.examples))
+                s.reward_initial = self._evaluate(iteration=0)
+                self.console.log(f"held-out reward of the starting policy: {s.reward_initial:.4f}")
+            for t in range(s.iteration, c.algo.iterations):
+                self._iteration(t)
+                s.iteration = t + 1
+                self._save_checkpoint()
+            self.policy_to_hf(self.out / "final")
+            s.seconds["total"] = time.perf_counter() - run_started + s.seconds.get("total_before_resume", 0.0)
+            summary = self._summary(finished=True)
+            if self.rank0:
+                _atomic_write(summary_path, json.dumps(summary, indent=2))
+                from metaapo_nemo.plots import plot_run
+
+                plot_run(self.metrics.read(), self.out / "plots.png")
+            _print_summary(summary)
+            return summary
+        finally:
+            if self.reward_server is not None:
+                self.reward_server.stop()
+            self.reward.close()
+
+    def _iteration(self, t: int) -> None:
+        c, s, strategy = self.config, self.state, self.strategy
+        examples = [self.examples[i] for i in self.slices[t]]
+        self.console.log(f"[bold]iteration {t + 1}/{c.algo.iterations}[/bold]: {len(examples)} offline pairs")
+        if c.reference.roll_forward and t > 0 and self.reference is not None:
+            self.reference.load_hf_state_dict(self.policy.hf_state_dict())
+
+        # 1. Score the slice: reference log-probs once per iteration, cached for training.
+        started = time.perf_counter()
+        offline = [(e.prompt, e.chosen) for e in examples] + [(e.prompt, e.rejected) for e in examples]
+        n = len(examples)
+        ref_off = self._reference_logps(offline)
+        needs_score = strategy.sampling in ("meta", "threshold", "adpo")
+        score_off = loss_off = w = None
+        if needs_score:
+            pol, ntok = self.policy.score(offline)
+            logps = PairLogps(pol[:n], pol[n:], *_split(ref_off, n), ntok[:n], ntok[n:])
+            score_off, loss_off = self.objective.score(logps), self.objective.loss(logps)
+            w = offline_weight(strategy, self.meta, score_off) if strategy.weighting in ("meta", "fixed_sigmoid") else None
+        s.seconds["scoring"] += time.perf_counter() - started
+
+        # 2. Decide who gets online samples: u drawn per (seed, iteration, prompt id).
+        u = uniform_draws(c.seed, t, [e.prompt_id for e in examples])
+        selected = select_for_sampling(strategy, w, u, score_off, loss_off, c.algo.threshold).tolist()
+        chosen_idx = [i for i, sel in enumerate(selected) if sel]
+        s.considered += n
+        s.annotated += len(chosen_idx)
+        self.console.log(f"  sampling decision: {len(chosen_idx)}/{n} prompts get online samples"
+                         + (f" (mean meta weight {float(w.mean()):.3f})" if w is not None else ""))
+
+        # 3-5. Refit, generate K responses, annotate with the reward server, build online pairs.
+        for e in examples:
+            e.online = None
+        if chosen_idx:
+            self._online_pairs(t, [examples[i] for i in chosen_idx])
+        with_online = [i for i in chosen_idx if examples[i].online is not None]
+        ref_on = None
+        if with_online:
+            started = time.perf_counter()
+            online = [(examples[i].prompt, examples[i].online[0]) for i in with_online] + \
+                     [(examples[i].prompt, examples[i].online[1]) for i in with_online]
+            ref_on = self._reference_logps(online)
+            s.seconds["scoring"] += time.perf_counter() - started
+
+        # 6. Train one epoch (Eq. 5), meta-learner steps every T_meta optimiser steps (Eq. 6).
+        items = [TrainItem(i, on_slot=k, offline_only=False) for k, i in enumerate(with_online)]
+        if strategy.weighting == "offline_only":
+            items = [TrainItem(i, None, offline_only=True) for i in range(n)]
+        elif strategy.train_unselected_offline:
+            items += [TrainItem(i, None, offline_only=True) for i in range(n) if not selected[i]]
+        self._train(t, examples, items, ref_off, ref_on, len(with_online))
+
+        # 7. Evaluate, log, checkpoint (by the caller).
+        reward = self._evaluate(t + 1)
+        s.rewards.append(reward)
+        self.metrics.write("iteration", s.step, t + 1, reward=reward, annotated=len(chosen_idx), considered=n,
+                           online_pairs=len(with_online), meta_weight_mean=float(w.mean()) if w is not None else None,
+                           score_offline_mean=float(score_off.mean()) if score_off is not None else None,
+                           meta_curve=self._meta_curve(), annotation_ratio=s.annotated / max(1, s.considered))
+        self.console.log(f"  held-out reward after iteration {t + 1}: {reward:.4f} (start {s.reward_initial:.4f})")
+
+    def _reference_logps(self, sequences):
+        if self.reference is None:
+            return None
+        return self.reference.score(sequences)
+
+    def _online_pairs(self, t: int, chosen: list[Example]) -> None:
+        from metaapo_nemo.rollout.engine import SamplingParams
+
+        c, s = self.config, self.state
+        started = time.perf_counter()
+        self.engine.refit(self.policy.hf_state_dict())
+        params = SamplingParams(num_samples=c.algo.num_samples, temperature=c.rollout.temperature, top_p=c.rollout.top_p,
+                                max_new_tokens=c.rollout.max_new_tokens, seed=_derive_seed(c.seed, t, 1))
+        samples = self.engine.generate([e.prompt for e in chosen], params)
+        s.generated_tokens += self.engine.stats.new_tokens
+        s.seconds["sampling"] += time.perf_counter() - started
+        self.console.log(f"  generated {len(chosen)} x {c.algo.num_samples} responses, "
+                         f"{self.engine.stats.tokens_per_second:.0f} new tokens/s")
+
+        started = time.perf_counter()
+        texts = [[self.tokenizer.decode(r, skip_special_tokens=True) for r in rs] for rs in samples]
+        prompts = [e.prompt_text for e, rs in zip(chosen, texts) for _ in rs]
+        flat = [r for rs in texts for r in rs]
+        if self.strategy.pairs == "selm":
+            prompts += [e.prompt_text for e in chosen for _ in range(2)]
+            flat += [x for e in chosen for x in (e.chosen_text, e.rejected_text)]
+        rewards = self.reward.score(prompts, flat)
+        s.seconds["annotation"] += time.perf_counter() - started
+
+        k, ties, gaps = c.algo.num_samples, 0, []
+        by_text = {}
+        for j, (e, rs, ids) in enumerate(zip(chosen, texts, samples)):
+            rw = rewards[j * k:(j + 1) * k]
+            if self.strategy.pairs == "selm":
+                off_rw = rewards[len(chosen) * k + 2 * j: len(chosen) * k + 2 * j + 2]
+                pair = build_selm_pair(rs, rw, e.chosen_text, e.rejected_text, off_rw[0], off_rw[1])
+                by_text = {**dict(zip(rs, ids)), e.chosen_text: e.chosen, e.rejected_text: e.rejected}
+            else:
+                pair = build_online_pair(rs, rw, keep_ties=c.algo.keep_ties)
+                by_text = dict(zip(rs, ids))
+            if pair is None or len(set(rw)) == 1:
+                ties += 1
+            if pair is None:
+                continue
+            e.online = (by_text[pair[0]], by_text[pair[1]])
+            gaps.append(pair[2] - pair[3])
+        s.ties += ties
+        s.online_pairs += len(gaps)
+        mean_reward = sum(rewards[:len(chosen) * k]) / max(1, len(chosen) * k)
+        self.metrics.write("annotation", s.step, t + 1, samples=len(chosen) * k, sample_reward_mean=mean_reward,
+                           ties=ties, online_pairs=len(gaps), reward_gap_mean=sum(gaps) / max(1, len(gaps)),
+                           sampling_seconds=self.engine.stats.seconds, generation_tokens_per_s=self.engine.stats.tokens_per_second)
+
+    def _train(self, t, examples, items, ref_off, ref_on, n_online) -> None:
+        from metaapo_nemo.data.batching import collate
+
+        c, s, strategy, obj = self.config, self.state, self.strategy, self.objective
+        if not items:
+            self.console.log("  nothing to train on in this iteration")
+            return
+        self.policy.reset_schedule()
+        needs_offline = strategy.weighting != "online_only"
+        n = len(examples)
+        pad = self.tokenizer.pad_token_id
+
+        def slice_ref(ref, idx, half):
+            if ref is None:
+                return None, None
+            logp = ref[0]
+            return logp[idx], logp[[i + half for i in idx]]
+
+        def loss_fn(batch: list[TrainItem], forward):
+            off_idx = [it.example for it in batch]
+            on_items = [k for k, it in enumerate(batch) if it.on_slot is not None]
+            seqs = []
+            if needs_offline:
+                seqs += [(examples[i].prompt, examples[i].chosen) for i in off_idx]
+                seqs += [(examples[i].prompt, examples[i].rejected) for i in off_idx]
+            seqs += [(examples[batch[k].example].prompt, examples[batch[k].example].online[0]) for k in on_items]
+            seqs += [(examples[batch[k].example].prompt, examples[batch[k].example].online[1]) for k in on_items]
+            logp, ntok = forward(collate(seqs, pad))
+            b, m = len(batch), len(on_items)
+            zeros = torch.zeros(b)
+            if needs_offline:
+                rc, rr = slice_ref(ref_off, off_idx, n)
+                off = PairLogps(logp[:b], logp[b:2 * b], rc, rr, ntok[:b], ntok[b:2 * b])
+                loss_off, score_off = obj.loss(off), obj.score(off).detach()
+                logp, ntok = logp[2 * b:], ntok[2 * b:]
+            else:
+                loss_off, score_off = zeros, zeros
+            loss_on, score_on = zeros.clone(), zeros.clone()
+            if m:
+                slots = [batch[k].on_slot for k in on_items]
+                rc, rr = slice_ref(ref_on, slots, n_online)
+                on = PairLogps(logp[:m], logp[m:2 * m], rc, rr, ntok[:m], ntok[m:2 * m])
+                loss_on = loss_on.index_put((torch.tensor(on_items),), obj.loss(on))
+                score_on[on_items] = obj.score(on).detach()
+            w_off, w_on = loss_weights(strategy, self.meta, score_off)
+            offline_only = torch.tensor([it.offline_only for it in batch])
+            w_off = torch.where(offline_only, torch.ones_like(w_off), w_off)
+            w_on = torch.where(offline_only, torch.zeros_like(w_on), w_on)
+            loss = meta_weighted_loss(w_off, w_on, loss_off, loss_on) * b
+            if needs_offline and m:
+                self.meta_buffer.add(score_off[on_items], loss_off.detach()[on_items], loss_on.detach()[on_items])
+            stats = dict(loss=float(loss), n=b, n_online=m, loss_offline=float(loss_off.detach().sum()),
+                         loss_online=float(loss_on.detach().sum()), meta_weight=float(w_off.sum()),
+                         score_offline=float(score_off.sum()), score_online=float(score_on.sum()))
+            return loss, stats
+
+        order = list(range(len(items)))
+        gbs, mbs = c.trainer.global_batch_size, c.trainer.micro_batch_size
+        steps_per_epoch = -(-len(items) // gbs)
+        with self.console.progress(f"train it{t + 1}", total=steps_per_epoch * c.trainer.epochs_per_iteration) as advance:
+            for epoch in range(c.trainer.epochs_per_iteration):
+                random.Random(_derive_seed(c.seed, t, 2 + epoch)).shuffle(order)
+                for start in range(0, len(order), gbs):
+                    step_items = [items[i] for i in order[start:start + gbs]]
+                    micro = [step_items[j:j + mbs] for j in range(0, len(step_items), mbs)]
+                    started = time.perf_counter()
+                    st = self.policy.train_step(micro, loss_fn, num_examples=len(step_items))
+                    s.seconds["training"] += time.perf_counter() - started
+                    s.train_tokens += st["tokens"]
+                    s.step += 1
+                    k, m = st["n"], max(1, st["n_online"])
+                    row = dict(loss=st["loss"] / k, loss_offline=st["loss_offline"] / k, loss_online=st["loss_online"] / m,
+                               meta_weight_mean=st["meta_weight"] / k, score_offline=st["score_offline"] / k,
+                               score_online=st["score_online"] / m, online_gain=(st["score_online"] / m - st["score_offline"] / k),
+                               grad_norm=st["grad_norm"], lr=st["lr"], pairs=k,
+                               tokens_per_s=st["tokens"] / max(1e-9, time.perf_counter() - started))
+                    self.metrics.write("train_step", s.step, t + 1, **row)
+                    advance(f"loss {row['loss']:.4f} w {row['meta_weight_mean']:.3f}")
+                    if strategy.meta_learner_trained and s.step % c.algo.meta_interval == 0 and len(self.meta_buffer):
+                        started = time.perf_counter()
+                        meta_stats = meta_update(self.meta, self.meta_optimizer, self.meta_buffer)
+                        s.seconds["meta"] += time.perf_counter() - started
+                        s.meta_updates += 1
+                        self.metrics.write("meta_update", s.step, t + 1, **meta_stats)
+
+    def _evaluate(self, iteration: int) -> float:
+        """Mean reward-model score of policy samples on the held-out prompts."""
+        from metaapo_nemo.rollout.engine import SamplingParams
+
+        c, s = self.config, self.state
+        started = time.perf_counter()
+        self.engine.refit(self.policy.hf_state_dict())
+        params = SamplingParams(num_samples=c.rollout.eval_samples, temperature=c.rollout.eval_temperature,
+                                top_p=c.rollout.top_p, max_new_tokens=c.rollout.max_new_tokens, seed=_derive_seed(c.seed, -1, 0))
+        samples = self.engine.generate(self.eval_ids, params)
+        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for rs in samples for r in rs]
+        prompts = [p for p in self.eval_prompts for _ in range(c.rollout.eval_samples)]
+        rewards = self.reward.score(prompts, texts)
+        s.seconds["evaluation"] += time.perf_counter() - started
+        reward = sum(rewards) / len(rewards)
+        lengths = [len(r) for rs in samples for r in rs]
+        self.metrics.write("eval", s.step, iteration, reward=reward, response_tokens_mean=sum(lengths) / len(lengths))
+        return reward
+
+    def _meta_curve(self) -> list[list[float]]:
+        xs = torch.linspace(-4.0, 0.0, 21)
+        return [xs.tolist(), self.meta.weights(xs).tolist()]
+
+    # ------------------------------------------------------------------ outputs
+    def policy_to_hf(self, path: Path) -> None:
+        from metaapo_nemo.models.hf_convert import save_hf_checkpoint
+
+        weights = self.policy.hf_state_dict()
+        if self.rank0:
+            save_hf_checkpoint(path, self.model_cfg, weights, self.tokenizer)
+
+    def _summary(self, finished: bool) -> dict:
+        s, c = self.state, self.config
+        secs = {k: round(v, 3) for k, v in s.seconds.items() if k != "total_before_resume"}
+        return {
+            "algorithm": c.algo.name, "objective": self.objective.name, "iterations": s.iteration,
+            "finished": finished, "annotation_ratio": s.annotated / max(1, s.considered),
+            "prompts_considered": s.considered, "prompts_annotated": s.annotated,
+            "num_online_pairs": s.online_pairs, "ties": s.ties, "meta_updates": s.meta_updates, "optimizer_steps": s.step,
+            "reward_initial": s.reward_initial, "reward_final": s.rewards[-1] if s.rewards else s.reward_initial,
+            "reward_per_iteration": s.rewards, "seconds": secs,
+            "tokens_per_second": {"training": s.train_tokens / max(1e-9, s.seconds["training"]),
+                                  "generation": s.generated_tokens / max(1e-9, s.seconds["sampling"])},
+            "output_dir": str(self.out), "final_checkpoint": str(self.out / "final"),
+        }
+
+    def _checkpoint_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    def _save_checkpoint(self) -> None:
+        """Written to a temporary name and renamed: a crash never leaves half a checkpoint."""
+        if not self.rank0:
+            return
+        s = self.state
+        state = {
+            "policy": self.policy.state_dict(),
+            "reference": self.reference.state_dict() if (self.reference is not None and self.config.reference.roll_forward) else None,
+            "meta": self.meta.state_dict(), "meta_optimizer": self.meta_optimizer.state_dict(),
+            "meta_buffer": self.meta_buffer.state_dict(), "run_state": s.__dict__,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        }
+        directory = self._checkpoint_dir()
+        directory.mkdir(exist_ok=True)
+        tmp = directory / f".iter_{s.iteration}.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, directory / f"iter_{s.iteration}.pt")
+        _atomic_write(directory / "latest", f"iter_{s.iteration}.pt")
+        for old in directory.glob("iter_*.pt"):
+            if old.name != f"iter_{s.iteration}.pt":
+                old.unlink()
+        _atomic_write(self.out / "summary.json", json.dumps(self._summary(finished=False), indent=2))
+
+    def _load_checkpoint(self) -> bool:
+        latest = self._checkpoint_dir() / "latest"
+        if not latest.exists():
+            return False
+        state = torch.load(self._checkpoint_dir() / latest.read_text().strip(), weights_only=False)
+        self.policy.load_state_dict(state["policy"])
+        if state["reference"] is not None and self.reference is not None:
+            self.reference.load_state_dict(state["reference"])
+        self.meta.load_state_dict(state["meta"])
+        self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        self.meta_buffer.load_state_dict(state["meta_buffer"])
+        prepare = self.state.seconds["prepare"]
+        self.state = RunState(**state["run_state"])
+        self.state.seconds["total_before_resume"] = self.state.seconds.get("total_before_resume", 0.0) + \
+            sum(v for k, v in self.state.seconds.items() if k not in ("total_before_resume", "prepare"))
+        self.state.seconds["prepare"] += prepare
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        self.metrics.truncate_after(self.state.iteration)
+        self.console.log(f"resumed from {self._checkpoint_dir()} after iteration {self.state.iteration}")
+        return True
+
+
+@dataclass
+class TrainItem:
+    example: int  # index into the iteration's slice
+    on_slot: int | None  # index of its online pair among the iteration's online pairs, or None
+    offline_only: bool  # trained on the offline pair alone with weight 1 (offline baselines, C.5 ablation)
+
+
+def _split(ref, n):
+    if ref is None:
+        return None, None
+    return ref[0][:n], ref[0][n:]
+
+
+def _derive_seed(seed: int, iteration: int, purpose: int) -> int:
+    return (seed * 1_000_003 + (iteration + 1) * 7919 + purpose) % (2**63 - 1)
+
+
+def _reward_urls(url) -> list[str]:
+    """reward.url as a list: one URL, a Python/JSON list, or comma-separated URLs."""
+    if url is None:
+        return []
+    if isinstance(url, str):
+        text = url.strip()
+        if text.startswith("["):
+            url = ast.literal_eval(text)
+        else:
+            url = [u.strip() for u in text.split(",") if u.strip()]
+    return [str(u) for u in url]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _print_summary(summary: dict) -> None:
+    secs = summary["seconds"]
+    tps = summary.get("tokens_per_second", {})
+    print(
+        f"\n{summary['algorithm']} ({summary['iterations']} iterations): held-out reward "
+        f"{summary['reward_initial']:.4f} -> {summary['reward_final']:.4f}; annotation ratio "
+        f"{summary['annotation_ratio']:.3f} ({summary['prompts_annotated']}/{summary['prompts_considered']} prompts), "
+        f"{summary['num_online_pairs']} online pairs, {summary['ties']} ties, {summary['meta_updates']} meta updates\n"
+        f"seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()) + "\n"
+        f"tokens/s: training {tps.get('training', 0):.0f}, generation {tps.get('generation', 0):.0f}\n"
+        f"aligned policy: {summary['final_checkpoint']}\n"
+    )
+

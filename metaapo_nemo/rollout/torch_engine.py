@@ -1,0 +1,370 @@
+"""A plain-torch rollout engine for Llama/Qwen2 decoders with a KV cache, for CPUs and tests.
+
+Each prompt is prefilled once. Its K samples then decode side by side and read the prompt's cached
+keys and values once per step for all K of them (a cascade: the prompt part of attention is one
+matmul per prompt, the samples' own tokens one per sample, under one softmax). Prompts are
+right-padded in a batch; padded prompt keys are masked out and every row rotates its new tokens at
+its own positions. Rows that hit eos keep riding with their prompt's other samples; a prompt
+leaves the batch when all K of its samples are done.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from metaapo_nemo.models.config import ModelConfig
+from metaapo_nemo.rollout.engine import GenerationStats, SamplingParams
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm as Hugging Face computes it: statistics in float32, the scale in the model dtype."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary position embedding in the non-interleaved (Hugging Face) layout: element i of a head
+    pairs with element i + head_dim/2."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+def rotary_tables(cfg: ModelConfig, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin of every position's rotation angles, [max_position_embeddings, head_dim],
+    computed in float32 and then cast, as Hugging Face does."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    angles = torch.outer(torch.arange(cfg.max_position_embeddings).float(), inv_freq)
+    angles = torch.cat((angles, angles), -1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def right_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """Prompts as one right-padded [P, max_len] token tensor, and their lengths [P]."""
+    lengths = torch.tensor([len(p) for p in prompts])
+    tokens = torch.full((len(prompts), int(lengths.max())), pad_token_id)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(p)
+    return tokens, lengths
+
+
+def nucleus(probs: Tensor, top_p: float) -> Tensor:
+    """Zero every token outside the smallest most-likely set whose mass reaches top_p (nucleus
+    sampling, Holtzman et al. 2020); the most likely token always stays."""
+    sorted_probs, order = probs.sort(-1, descending=True)
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+
+
+def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> Tensor:
+    """One next token per row of float32 logits [rows, vocab]."""
+    if params.greedy:
+        return logits.argmax(-1)
+    probs = (logits / params.temperature).softmax(-1)
+    if params.top_p < 1.0:
+        probs = nucleus(probs, params.top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def cascade_attention(
+    q: Tensor, prompt_k: Tensor, prompt_v: Tensor, prompt_bias: Tensor, own_k: Tensor, own_v: Tensor
+) -> Tensor:
+    """Attention of one decode step for rows that share prompts, one softmax over prompt + own keys.
+
+    q [R, kv_heads, group, head_dim], already scaled, with R = P * K rows ordered prompt-major;
+    prompt_k/v [P, kv_heads, Lp, head_dim]; prompt_bias [P, 1, 1, Lp] (0, or -inf on padding);
+    own_k/v [R, kv_heads, t, head_dim], each row's generated tokens. Returns [R, kv_heads, group,
+    head_dim]. Every prompt key is read once per prompt instead of once per sample.
+    """
+    num_prompts, kv_heads, prompt_len, head_dim = prompt_k.shape
+    rows, _, group, _ = q.shape
+    k = rows // num_prompts
+
+    def by_prompt(x: Tensor) -> Tensor:  # [R, kv, g, n] -> [P, kv, K*g, n]
+        return x.reshape(num_prompts, k, kv_heads, group, -1).transpose(1, 2).reshape(
+            num_prompts, kv_heads, k * group, -1
+        )
+
+    def by_row(x: Tensor) -> Tensor:  # [P, kv, K*g, n] -> [R, kv, g, n]
+        return x.reshape(num_prompts, kv_heads, k, group, -1).transpose(1, 2).reshape(
+            rows, kv_heads, group, -1
+        )
+
+    prompt_scores = by_row(by_prompt(q) @ prompt_k.transpose(-1, -2) + prompt_bias)
+    own_scores = q @ own_k.transpose(-1, -2)
+    probs = torch.cat((prompt_scores, own_scores), -1).softmax(-1, dtype=torch.float32).to(q.dtype)
+    prompt_probs, own_probs = probs.split((prompt_len, own_k.shape[2]), -1)
+    return by_row(by_prompt(prompt_probs) @ prompt_v) + own_probs @ own_v
+
+
+class TorchEngine:
+    """RolloutEngine on plain torch: Llama/Qwen2 decoder (RMSNorm, SwiGLU, RoPE, GQA, optional
+    q/k/v bias, optionally tied embeddings) with a KV cache. `max_batch_size` bounds the rows
+    (prompts x samples) decoded together; more prompts are done in consecutive batches."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        eos_token_id: int,
+        pad_token_id: int,
+        max_batch_size: int = 256,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {cfg.hidden_size} must be a multiple of num_attention_heads "
+                f"{cfg.num_attention_heads}"
+            )
+        if cfg.num_attention_heads % cfg.num_query_groups:
+            raise ValueError(
+                f"num_attention_heads {cfg.num_attention_heads} must be a multiple of "
+                f"num_query_groups {cfg.num_query_groups}"
+            )
+        for name, token in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+            if not 0 <= token < cfg.vocab_size:
+                raise ValueError(f"{name} {token} is outside the vocabulary [0, {cfg.vocab_size})")
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.cfg = cfg
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = pad_token_id
+        self.max_batch_size = max_batch_size
+        self.dtype = dtype
+        self.stats = GenerationStats()
+        self._refitted = False
+        self._cos, self._sin = rotary_tables(cfg, dtype)
+        self._allocate()
+
+    def _allocate(self) -> None:
+        """One buffer per fused matmul (q|k|v, gate|up), and a view into it per Hugging Face
+        name, so refit copies in place and decoding does two matmuls fewer per layer."""
+        cfg, hd = self.cfg, self.cfg.head_dim
+        q_rows, kv_rows = cfg.num_attention_heads * hd, cfg.num_query_groups * hd
+        h, f = cfg.hidden_size, cfg.ffn_hidden_size
+
+        def buffer(*shape: int) -> Tensor:
+            return torch.zeros(*shape, dtype=self.dtype)
+
+        self._embed = buffer(cfg.vocab_size, h)
+        self._final_norm = buffer(h)
+        self._lm_head = self._embed if cfg.tie_word_embeddings else buffer(cfg.vocab_size, h)
+        self._slots = {"model.embed_tokens.weight": self._embed, "model.norm.weight": self._final_norm}
+        if not cfg.tie_word_embeddings:
+            self._slots["lm_head.weight"] = self._lm_head
+        self._layers = []
+        for i in range(cfg.num_layers):
+            layer = {
+                "qkv": buffer(q_rows + 2 * kv_rows, h),
+                "qkv_bias": buffer(q_rows + 2 * kv_rows) if cfg.qkv_bias else None,
+                "o": buffer(h, q_rows),
+                "gate_up": buffer(2 * f, h),
+                "down": buffer(h, f),
+                "norm1": buffer(h),
+                "norm2": buffer(h),
+            }
+            self._layers.append(layer)
+            p = f"model.layers.{i}."
+            bounds = {"q": (0, q_rows), "k": (q_rows, q_rows + kv_rows), "v": (q_rows + kv_rows, None)}
+            for proj, (lo, hi) in bounds.items():
+                self._slots[f"{p}self_attn.{proj}_proj.weight"] = layer["qkv"][lo:hi]
+                if cfg.qkv_bias:
+                    self._slots[f"{p}self_attn.{proj}_proj.bias"] = layer["qkv_bias"][lo:hi]
+            self._slots[f"{p}self_attn.o_proj.weight"] = layer["o"]
+            self._slots[f"{p}mlp.gate_proj.weight"] = layer["gate_up"][:f]
+            self._slots[f"{p}mlp.up_proj.weight"] = layer["gate_up"][f:]
+            self._slots[f"{p}mlp.down_proj.weight"] = layer["down"]
+            self._slots[f"{p}input_layernorm.weight"] = layer["norm1"]
+            self._slots[f"{p}post_attention_layernorm.weight"] = layer["norm2"]
+
+    @torch.no_grad()
+    def refit(self, hf_state_dict: Mapping[str, Tensor]) -> None:
+        """Copy the policy's weights (Hugging Face names) into the engine's buffers in place.
+        Everything is checked before anything is copied, so a bad dict leaves the engine as it was.
+        With tied embeddings, an lm_head.weight equal to the embedding is accepted (HF's
+        state_dict lists it) and any other is refused."""
+        given = set(hf_state_dict)
+        tied_head = self.cfg.tie_word_embeddings and "lm_head.weight" in given
+        if tied_head:
+            given.discard("lm_head.weight")
+        missing, unexpected = sorted(set(self._slots) - given), sorted(given - set(self._slots))
+        if missing or unexpected:
+            raise ValueError(
+                f"refit state dict does not match the engine's {self.cfg}: missing {missing}, "
+                f"unexpected {unexpected}"
+            )
+        wrong = [
+            f"{name}: got {tuple(hf_state_dict[name].shape)}, expected {tuple(slot.shape)}"
+            for name, slot in self._slots.items()
+            if hf_state_dict[name].shape != slot.shape
+        ]
+        if wrong:
+            raise ValueError("refit tensors have wrong shapes: " + "; ".join(wrong))
+        if tied_head and not torch.equal(
+            hf_state_dict["lm_head.weight"], hf_state_dict["model.embed_tokens.weight"]
+        ):
+            raise ValueError(
+                "config ties word embeddings but lm_head.weight differs from "
+                "model.embed_tokens.weight; set tie_word_embeddings=False for this model"
+            )
+        for name, slot in self._slots.items():
+            slot.copy_(hf_state_dict[name])
+        self._refitted = True
+
+    def _layer_qkv(self, layer: dict, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q_rows = self.cfg.num_attention_heads * self.cfg.head_dim
+        kv_rows = self.cfg.num_query_groups * self.cfg.head_dim
+        qkv = F.linear(rms_norm(x, layer["norm1"], self.cfg.norm_epsilon), layer["qkv"], layer["qkv_bias"])
+        return qkv.split((q_rows, kv_rows, kv_rows), -1)
+
+    def _layer_rest(self, layer: dict, x: Tensor, attn: Tensor) -> Tensor:
+        """Attention output projection, residual, SwiGLU MLP, residual."""
+        x = x + F.linear(attn, layer["o"])
+        gate, up = F.linear(rms_norm(x, layer["norm2"], self.cfg.norm_epsilon), layer["gate_up"]).chunk(2, -1)
+        return x + F.linear(F.silu(gate) * up, layer["down"])
+
+    def _prefill(self, tokens: Tensor, lengths: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """Right-padded prompts [P, L] -> final-norm hidden states [P, L, hidden] and each layer's
+        rotated keys and values [P, kv_heads, L, head_dim]."""
+        cfg, hd = self.cfg, self.cfg.head_dim
+        num_prompts, length = tokens.shape
+        cos, sin = self._cos[:length], self._sin[:length]
+        mask = None
+        if bool((lengths < length).any()):
+            causal = torch.ones(length, length, dtype=torch.bool).tril()
+            mask = (causal & (torch.arange(length) < lengths[:, None])[:, None, :])[:, None]
+        x = self._embed[tokens]
+        cache = []
+        for layer in self._layers:
+            q, k, v = self._layer_qkv(layer, x)
+            q = rotate(q.view(num_prompts, length, -1, hd).transpose(1, 2), cos, sin)
+            k = rotate(k.view(num_prompts, length, -1, hd).transpose(1, 2), cos, sin)
+            v = v.view(num_prompts, length, -1, hd).transpose(1, 2)
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+            x = self._layer_rest(layer, x, attn.transpose(1, 2).reshape(num_prompts, length, -1))
+            cache.append((k, v))
+        return rms_norm(x, self._final_norm, cfg.norm_epsilon), cache
+
+    def _decode(
+        self, tokens: Tensor, positions: Tensor, step: int, prompt_cache: list, prompt_bias: Tensor, own_cache: list
+    ) -> Tensor:
+        """One token per row at its own position; writes the row's keys/values at `step` of its
+        own cache and returns float32 next-token logits [R, vocab]."""
+        cfg, hd = self.cfg, self.cfg.head_dim
+        rows, group = tokens.shape[0], cfg.num_attention_heads // cfg.num_query_groups
+        cos, sin = self._cos[positions][:, None], self._sin[positions][:, None]
+        x = self._embed[tokens]
+        for layer, (prompt_k, prompt_v), (own_k, own_v) in zip(self._layers, prompt_cache, own_cache):
+            q, k, v = self._layer_qkv(layer, x)
+            q = rotate(q.view(rows, -1, hd), cos, sin) * hd**-0.5
+            own_k[:, :, step] = rotate(k.view(rows, -1, hd), cos, sin)
+            own_v[:, :, step] = v.view(rows, -1, hd)
+            attn = cascade_attention(
+                q.view(rows, cfg.num_query_groups, group, hd),
+                prompt_k, prompt_v, prompt_bias, own_k[:, :, : step + 1], own_v[:, :, : step + 1],
+            )
+            x = self._layer_rest(layer, x, attn.reshape(rows, -1))
+        return F.linear(rms_norm(x, self._final_norm, cfg.norm_epsilon), self._lm_head).float()
+
+    def _generate_batch(
+        self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator
+    ) -> list[list[int]]:
+        """Responses for a batch of prompts, as rows ordered prompt-major (K rows per prompt)."""
+        k, steps = params.num_samples, params.max_new_tokens
+        tokens, lengths = right_pad(prompts, self.pad_token_id)
+        hidden, prompt_cache = self._prefill(tokens, lengths)
+        last = hidden[torch.arange(len(prompts)), lengths - 1]
+        logits = F.linear(last, self._lm_head).float().repeat_interleave(k, 0)
+        prompt_bias = torch.zeros(tokens.shape, dtype=self.dtype)
+        prompt_bias.masked_fill_(torch.arange(tokens.shape[1]) >= lengths[:, None], float("-inf"))
+        prompt_bias = prompt_bias[:, None, None]
+
+        rows = len(prompts) * k
+        kv_shape = (rows, self.cfg.num_query_groups, steps, self.cfg.head_dim)
+        own_cache = [(torch.empty(kv_shape, dtype=self.dtype), torch.empty(kv_shape, dtype=self.dtype)) for _ in self._layers]
+        out = torch.empty(rows, steps, dtype=torch.long)
+        out_len = torch.full((rows,), steps)
+        row_ids = torch.arange(rows)  # original row of each row still decoding
+        positions = lengths.repeat_interleave(k)
+        done = torch.zeros(rows, dtype=torch.bool)
+        for step in range(steps):
+            token = sample(logits, params, generator)
+            out[row_ids, step] = token
+            finished = (token == self.eos_token_id) & ~done
+            out_len[row_ids[finished]] = step + 1
+            done |= finished
+            if step == steps - 1:
+                break
+            prompt_done = done.view(-1, k).all(1)
+            if bool(prompt_done.all()):
+                break
+            if bool(prompt_done.any()):
+                keep, keep_rows = ~prompt_done, (~prompt_done).repeat_interleave(k)
+                prompt_cache = [(pk[keep], pv[keep]) for pk, pv in prompt_cache]
+                prompt_bias = prompt_bias[keep]
+                own_cache = [(ok[keep_rows], ov[keep_rows]) for ok, ov in own_cache]
+                token, positions, row_ids, done = token[keep_rows], positions[keep_rows], row_ids[keep_rows], done[keep_rows]
+            logits = self._decode(token, positions, step, prompt_cache, prompt_bias, own_cache)
+            positions = positions + 1
+        return [row[:n] for row, n in zip(out.tolist(), out_len.tolist())]
+
+    def _check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+        limit = self.cfg.max_position_embeddings
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+            if min(p) < 0 or max(p) >= self.cfg.vocab_size:
+                raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {self.cfg.vocab_size})")
+            if len(p) + max_new_tokens > limit:
+                raise ValueError(
+                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it exceeds "
+                    f"max_position_embeddings={limit}: shorten the prompt or lower max_new_tokens"
+                )
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[list[int]]]:
+        """Responses as [prompt][sample] -> token ids; a response ends with eos when eos was
+        generated and is cut at params.max_new_tokens otherwise. Prompts are batched by length;
+        the result is in the caller's order and depends only on the prompts, weights and params."""
+        if not self._refitted:
+            raise RuntimeError("the engine has no weights yet: call refit(policy_state_dict) first")
+        if params.num_samples > self.max_batch_size:
+            raise ValueError(
+                f"num_samples {params.num_samples} exceeds max_batch_size {self.max_batch_size}"
+            )
+        self._check_prompts(prompts, params.max_new_tokens)
+        start = time.perf_counter()
+        generator = torch.Generator().manual_seed(params.seed)
+        by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        per_batch = self.max_batch_size // params.num_samples
+        results: list[list[list[int]]] = [[] for _ in prompts]
+        for first in range(0, len(prompts), per_batch):
+            batch = by_length[first : first + per_batch]
+            responses = self._generate_batch([prompts[i] for i in batch], params, generator)
+            for j, i in enumerate(batch):
+                results[i] = responses[j * params.num_samples : (j + 1) * params.num_samples]
+        self.stats = GenerationStats(
+            new_tokens=sum(len(r) for sample_set in results for r in sample_set),
+            seconds=time.perf_counter() - start,
+        )
+        return results
+
+    @torch.inference_mode()
+    def prompt_logits(self, prompts: list[list[int]]) -> list[Tensor]:
+        """Float32 next-token logits at every position of each prompt, [len(prompt), vocab]: lets
+        a caller check that a refit reproduces the policy."""
+        if not self._refitted:
+            raise RuntimeError("the engine has no weights yet: call refit(policy_state_dict) first")
+        self._check_prompts(prompts, 0)
+        logits = []
+        for first in range(0, len(prompts), self.max_batch_size):
+            tokens, lengths = right_pad(prompts[first : first + self.max_batch_size], self.pad_token_id)
+            hidden, _ = self._prefill(tokens, lengths)
+            all_logits = F.linear(hidden, self._lm_head).float()
+            logits += [row[:n] for row, n in zip(all_logits, lengths.tolist())]
+        return logits
