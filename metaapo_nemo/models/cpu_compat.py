@@ -8,7 +8,7 @@ here runs when CUDA is available: `apply_cpu_patches` is then a no-op and
 """
 from __future__ import annotations
 
-import contextlib
+import functools
 import importlib
 
 import torch
@@ -17,37 +17,15 @@ from megatron.core import tensor_parallel
 
 
 def _cpu_device(device):
-    """'cuda', 'cuda:1', torch.device('cuda') or a CUDA ordinal -> 'cpu'; anything else as is."""
-    if isinstance(device, int) or (device is not None and torch.device(device).type == "cuda"):
+    """'cuda', 'cuda:1' or torch.device('cuda') -> the CPU; anything else as is."""
+    if device is not None and torch.device(device).type == "cuda":
         return torch.device("cpu")
     return device
-
-
-class _NoStream:
-    """A CUDA stream / event stand-in: on one CPU device there is nothing to wait for."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def wait_stream(self, *args, **kwargs):
-        pass
-
-    def wait_event(self, *args, **kwargs):
-        pass
-
-    def record(self, *args, **kwargs):
-        pass
-
-    def synchronize(self):
-        pass
 
 
 class _CudaOnCpu:
     """What a patched megatron module sees as `torch.cuda`: the current device is the CPU and
     synchronisation is free. Other attributes fall through to the real torch.cuda."""
-
-    Stream = _NoStream
-    Event = _NoStream
 
     @staticmethod
     def current_device():
@@ -56,20 +34,6 @@ class _CudaOnCpu:
     @staticmethod
     def synchronize(*args, **kwargs):
         pass
-
-    @staticmethod
-    def empty_cache():
-        pass
-
-    @staticmethod
-    def default_stream(*args, **kwargs):
-        return _NoStream()
-
-    current_stream = default_stream
-
-    @staticmethod
-    def stream(*args, **kwargs):
-        return contextlib.nullcontext()
 
     def __getattr__(self, name):
         return getattr(torch.cuda, name)
@@ -100,6 +64,9 @@ TORCH_ON_CPU = _TorchOnCpu()
 _MODULES_SEEING_CPU_TORCH = {
     # RotaryEmbedding.get_emb moves inv_freq to torch.cuda.current_device() (l.162).
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    # _gather_along_last_dim (logits gathered over TP) allocates on torch.cuda.current_device()
+    # (l.91).
+    "megatron.core.tensor_parallel.mappings",
     # total_num_tokens = torch.zeros(..., device="cuda") in every schedule (l.596, 983, 2138).
     "megatron.core.pipeline_parallel.schedules",
     # Shape exchange and receive buffers on torch.cuda.current_device(), torch.cuda.synchronize
@@ -115,6 +82,13 @@ _MODULES_SEEING_CPU_TORCH = {
 }
 
 
+def _multi_tensor_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """megatron.core.utils.local_multi_tensor_l2_norm (the apex-free grad-norm kernel) returns
+    its result on device="cuda" (utils.py l.1207); same norm, on the tensors' device."""
+    norms = [torch.linalg.vector_norm(t.float()) for tensors in tensor_lists for t in tensors]
+    return torch.linalg.vector_norm(torch.stack(norms)).reshape(1), None
+
+
 def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
     """Megatron's clip_grad_by_total_norm_fp32 asserts `grad.type() == 'torch.cuda.FloatTensor'`
     (clip_grads.py l.167); same scaling, any device."""
@@ -125,6 +99,24 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
         grad = param.decoupled_grad if use_decoupled_grad else param.grad
         if grad is not None:
             grad.detach().mul_(clip_coeff)
+
+
+def _setup_tied_embeddings_on_cpu(setup):
+    """LanguageModule.setup_embeddings_and_output_layer moves the tied embedding to CUDA
+    (`weight.data.cuda()`, language_module.py l.244) before all-reducing the first and last
+    pipeline stages' copies; a Tensor method, so no module-local torch reaches it: `.cuda()` is
+    the identity while that method runs."""
+
+    @functools.wraps(setup)
+    def on_cpu(self):
+        real_cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda tensor, *args, **kwargs: tensor
+        try:
+            return setup(self)
+        finally:
+            torch.Tensor.cuda = real_cuda
+
+    return on_cpu
 
 
 _applied = False
@@ -139,6 +131,13 @@ def apply_cpu_patches() -> None:
         importlib.import_module(name).torch = TORCH_ON_CPU
     optimizer_module = importlib.import_module("megatron.core.optimizer.optimizer")
     optimizer_module.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+    importlib.import_module("megatron.core.optimizer.clip_grads").l2_norm_impl = _multi_tensor_l2_norm
+    language_module = importlib.import_module(
+        "megatron.core.models.common.language_module.language_module"
+    ).LanguageModule
+    language_module.setup_embeddings_and_output_layer = _setup_tied_embeddings_on_cpu(
+        language_module.setup_embeddings_and_output_layer
+    )
     _applied = True
 
 

@@ -173,7 +173,7 @@ def build_gpt_model(
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     _check_divisible(cfg, tp, pp)
-    return GPTModel(
+    model = GPTModel(
         config=transformer_config(cfg, dtype),
         transformer_layer_spec=llama_layer_spec(),
         vocab_size=cfg.vocab_size,
@@ -187,3 +187,8 @@ def build_gpt_model(
         rope_scaling=cfg.rope_scaling_factor is not None,
         rope_scaling_factor=cfg.rope_scaling_factor or 8.0,  # megatron's default, unused when off
     )
+    # The local spec's norms are torch.nn.RMSNorm built in fp32 whatever params_dtype says
+    # (Megatron casts with its Float16Module wrapper, whose forward our log-probs bypass).
+    # CPU initialisation draws the weights on the host; on a GPU machine they then move over.
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    return model.to(device=device, dtype=dtype)

@@ -91,7 +91,9 @@ def _require_whole_model(gpt: GPTModel, what: str) -> None:
         )
 
 
-def sequence_logprobs(model, tokens: Tensor, prompt_lens: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+def sequence_logprobs(
+    model, tokens: Tensor, prompt_lens: Tensor, lengths: Tensor
+) -> tuple[Tensor, Tensor]:
     """log pi(y|x) for a right-padded batch: (logp_sum [B], num_tokens [B]).
 
     tokens [B, S] holds prompt x then response y in positions [0, lengths[b]), padding after;
@@ -100,6 +102,8 @@ def sequence_logprobs(model, tokens: Tensor, prompt_lens: Tensor, lengths: Tenso
     """
     gpt: GPTModel = unwrap_model(model)
     _require_whole_model(gpt, "sequence_logprobs")
+    device = gpt.embedding.word_embeddings.weight.device
+    tokens, prompt_lens, lengths = (x.to(device) for x in (tokens, prompt_lens, lengths))
     return response_logprobs(model, decoder_hidden_states(model, tokens), tokens, prompt_lens, lengths)
 
 
@@ -108,11 +112,14 @@ def full_logits(model, tokens: Tensor) -> Tensor:
     gathered over tensor-parallel ranks. A reference path: training uses sequence_logprobs."""
     gpt: GPTModel = unwrap_model(model)
     _require_whole_model(gpt, "full_logits")
+    tokens = tokens.to(gpt.embedding.word_embeddings.weight.device)
     return gpt(tokens, _positions(tokens), None, runtime_gather_output=True)
 
 
 @torch.no_grad()
-def greedy_decode(model, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None) -> list[int]:
+def greedy_decode(
+    model, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None
+) -> list[int]:
     """Greedy continuation of one prompt by re-running the whole sequence each step (slow,
     reference only). Returns the new tokens, ending with eos_token_id if it was produced."""
     if not prompt_ids:
@@ -124,5 +131,5 @@ def greedy_decode(model, prompt_ids: list[int], max_new_tokens: int, eos_token_i
         new.append(next_id)
         if next_id == eos_token_id:
             break
-        tokens = torch.cat([tokens, torch.tensor([[next_id]])], dim=1)
+        tokens = torch.cat([tokens, tokens.new_tensor([[next_id]])], dim=1)
     return new

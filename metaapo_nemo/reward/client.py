@@ -93,7 +93,8 @@ class RewardClient:
         return [reward for batch in batches for reward in batch]
 
     def _score_batch(self, server: int, prompts: list[str], responses: list[str]) -> list[float]:
-        payload = {"query": [prompt + response for prompt, response in zip(prompts, responses)], "prompts": prompts}
+        queries = [prompt + response for prompt, response in zip(prompts, responses)]
+        payload = {"query": queries, "prompts": prompts}
         tries = self.max_retries + 1
         tried = []
         for attempt in range(tries):
@@ -102,19 +103,24 @@ class RewardClient:
             try:
                 answer = self._http.post(f"{base}/get_reward", json=payload)
             except httpx.TimeoutException:
-                problem, hint = f"did not answer within {self.timeout_s:g} s", "is it running, and is reward.timeout_s long enough for a batch?"
+                problem = f"did not answer within {self.timeout_s:g} s"
+                hint = "is it running, and is reward.timeout_s long enough for a batch?"
             except httpx.TransportError as err:
-                problem, hint = f"could not be reached ({type(err).__name__}: {err})", "is it running? (reward.url)"
+                problem = f"could not be reached ({type(err).__name__}: {err})"
+                hint = "is it running? (reward.url)"
             else:
-                if answer.status_code >= 500:
-                    problem, hint = f"failed with HTTP {answer.status_code}: {_error_text(answer)}", "see the reward server's log"
-                elif answer.status_code >= 400:
-                    raise RewardServerError(_refusal_message(base, answer))
-                else:
+                if answer.status_code < 400:
                     return _rewards_from(base, answer, len(prompts))
+                if answer.status_code < 500:
+                    raise RewardServerError(_refusal_message(base, answer))
+                problem = f"failed with HTTP {answer.status_code}: {_error_text(answer)}"
+                hint = "see the reward server's log"
             if attempt + 1 < tries:
                 pause = min(self.backoff_s * 2**attempt, MAX_BACKOFF_S)
-                log.warning("reward server at %s %s; retrying in %.1f s (try %d of %d)", base, problem, pause, attempt + 2, tries)
+                log.warning(
+                    "reward server at %s %s; retrying in %.1f s (try %d of %d)",
+                    base, problem, pause, attempt + 2, tries,
+                )  # fmt: skip
                 time.sleep(pause)
         servers = " and ".join(sorted(set(tried)))
         raise RewardServerError(f"reward server at {servers} {problem} ({tries} tries); {hint}")

@@ -40,8 +40,8 @@ def load_reward_fn(spec: str) -> RewardFn:
 
 class HFRewardModel:
     """A Bradley-Terry reward model (``AutoModelForSequenceClassification``, ``num_labels=1``) and its
-    tokenizer, read from a Hugging Face folder. The reward of a text is the head's output at its last
-    token, as the model was trained to give.
+    tokenizer, read from a Hugging Face folder. A text's reward is what the model gives when it is
+    called on that text alone; batching and padding do not change it.
 
     Texts are scored in batches of ``batch_size``, grouped by length so little padding is computed.
     """
@@ -64,11 +64,13 @@ class HFRewardModel:
                 f"{path} holds a classifier with num_labels={self.model.config.num_labels}; "
                 "a Bradley-Terry reward model has num_labels=1"
             )
+        # The model pools at the last token that is not its pad id. Left padding with that id keeps
+        # the pooled token the one it pools when a text is scored alone. A model without a pad id
+        # pools at the last token; an id no token has (-1) makes it do so on a batch too.
         text_config = self.model.config.get_text_config()
+        self.padding_id = text_config.pad_token_id if text_config.pad_token_id is not None else 0
         if text_config.pad_token_id is None:
-            # The model refuses batches without a pad id; its value is unused because the
-            # embeddings, not the ids, are passed in (see score_texts).
-            text_config.pad_token_id = 0
+            text_config.pad_token_id = -1
         self.model.to(self.device).eval()
 
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
@@ -93,21 +95,17 @@ class HFRewardModel:
     def _score_batch(self, token_ids: list[list[int]]) -> list[float]:
         import torch
 
-        # Left padding puts every text's last token in the last column, where the model pools.
-        # The model finds "the last token" by comparing ids with the pad id, which fails when the
-        # pad token is also a real token (often pad == eos); passing embeddings instead of ids
-        # makes it take the last column.
         width = max(len(ids) for ids in token_ids)
-        input_ids = torch.zeros((len(token_ids), width), dtype=torch.long)
+        input_ids = torch.full((len(token_ids), width), self.padding_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
         for row, ids in enumerate(token_ids):
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             attention_mask[row, width - len(ids) :] = 1
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        # Positions count real tokens only, as they did when the text was scored unpadded.
+        # Positions count real tokens only, as they do when a text is scored alone.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        embeddings = self.model.get_input_embeddings()(input_ids)
         logits = self.model(
-            inputs_embeds=embeddings, attention_mask=attention_mask, position_ids=position_ids
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            position_ids=position_ids.to(self.device),
         ).logits
         return logits[:, 0].float().tolist()

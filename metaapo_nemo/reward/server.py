@@ -47,6 +47,9 @@ def parse_reward_request(payload: object) -> tuple[list[str], list[str]]:
     if not isinstance(queries, list):
         raise BadRequest('"query" must be a list of strings (each the prompt followed by the response)')
     _check_strings("query", queries)
+    labels = payload.get("labels")
+    if labels is not None and (not isinstance(labels, list) or len(labels) != len(queries)):
+        raise BadRequest(f'"labels" must be absent or a list of {len(queries)} items, one per query')
     prompts = payload.get("prompts")
     if prompts is None:
         return [""] * len(queries), list(queries)
@@ -55,9 +58,6 @@ def parse_reward_request(payload: object) -> tuple[list[str], list[str]]:
     _check_strings("prompts", prompts)
     if len(prompts) != len(queries):
         raise BadRequest(f'"prompts" has {len(prompts)} items but "query" has {len(queries)}')
-    labels = payload.get("labels")
-    if labels is not None and (not isinstance(labels, list) or len(labels) != len(queries)):
-        raise BadRequest(f'"labels" must be absent or a list of {len(queries)} items, one per query')
     for i, (query, prompt) in enumerate(zip(queries, prompts)):
         if not query.startswith(prompt):
             raise BadRequest(f"query[{i}] does not start with prompts[{i}]")
@@ -116,9 +116,11 @@ def create_app(
             if len(body) > max_body_bytes:
                 return _refuse(413, f"the body exceeds this server's limit of {max_body_bytes} bytes")
         try:
-            prompts, responses = parse_reward_request(json.loads(body))
+            prompts, responses = parse_reward_request(json.loads(body.decode("utf-8")))
         except json.JSONDecodeError as err:
             return _refuse(400, f"the body is not valid JSON: {err}")
+        except RecursionError:
+            return _refuse(400, "the body nests JSON too deeply")
         except UnicodeDecodeError as err:
             return _refuse(400, f"the body is not UTF-8 text: {err}")
         except BadRequest as err:
@@ -175,7 +177,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--parent-pid",
         type=int,
-        help="stop when the process with this id ends (set by the training job that started this server)",
+        help="stop when this process's parent, which has this id, ends (set by the training job that "
+        "starts this server, so it never outlives the job)",
     )
 
 
@@ -193,6 +196,9 @@ def run_from_args(args: argparse.Namespace) -> int:
         if args.reward_fn:
             reward, source = load_reward_fn(args.reward_fn), f"function {args.reward_fn}"
         else:
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()  # its bars would clutter the log file
             reward, source = HFRewardModel(args.model, batch_size=args.batch_size), f"model {args.model}"
     except (ValueError, OSError) as err:
         log.error("%s", err)
@@ -208,7 +214,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def _check_args(args: argparse.Namespace) -> None:
     if args.token == "":
-        raise ValueError("--token is empty; give a token or leave it out")
+        raise ValueError(f"the token (--token or ${TOKEN_ENV}) is empty; give a token or leave it out")
     if args.max_body_bytes < 1:
         raise ValueError(f"--max-body-bytes must be positive; got {args.max_body_bytes}")
     if args.batch_size < 1:

@@ -154,7 +154,10 @@ class TorchEngine:
         self._embed = buffer(cfg.vocab_size, h)
         self._final_norm = buffer(h)
         self._lm_head = self._embed if cfg.tie_word_embeddings else buffer(cfg.vocab_size, h)
-        self._slots = {"model.embed_tokens.weight": self._embed, "model.norm.weight": self._final_norm}
+        self._slots = {
+            "model.embed_tokens.weight": self._embed,
+            "model.norm.weight": self._final_norm,
+        }
         if not cfg.tie_word_embeddings:
             self._slots["lm_head.weight"] = self._lm_head
         self._layers = []
@@ -170,8 +173,9 @@ class TorchEngine:
             }
             self._layers.append(layer)
             p = f"model.layers.{i}."
-            bounds = {"q": (0, q_rows), "k": (q_rows, q_rows + kv_rows), "v": (q_rows + kv_rows, None)}
-            for proj, (lo, hi) in bounds.items():
+            for proj, lo, hi in (
+                ("q", 0, q_rows), ("k", q_rows, q_rows + kv_rows), ("v", q_rows + kv_rows, None)
+            ):
                 self._slots[f"{p}self_attn.{proj}_proj.weight"] = layer["qkv"][lo:hi]
                 if cfg.qkv_bias:
                     self._slots[f"{p}self_attn.{proj}_proj.bias"] = layer["qkv_bias"][lo:hi]
@@ -219,16 +223,18 @@ class TorchEngine:
     def _layer_qkv(self, layer: dict, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q_rows = self.cfg.num_attention_heads * self.cfg.head_dim
         kv_rows = self.cfg.num_query_groups * self.cfg.head_dim
-        qkv = F.linear(rms_norm(x, layer["norm1"], self.cfg.norm_epsilon), layer["qkv"], layer["qkv_bias"])
+        h = rms_norm(x, layer["norm1"], self.cfg.norm_epsilon)
+        qkv = F.linear(h, layer["qkv"], layer["qkv_bias"])
         return qkv.split((q_rows, kv_rows, kv_rows), -1)
 
     def _layer_rest(self, layer: dict, x: Tensor, attn: Tensor) -> Tensor:
         """Attention output projection, residual, SwiGLU MLP, residual."""
         x = x + F.linear(attn, layer["o"])
-        gate, up = F.linear(rms_norm(x, layer["norm2"], self.cfg.norm_epsilon), layer["gate_up"]).chunk(2, -1)
+        h = rms_norm(x, layer["norm2"], self.cfg.norm_epsilon)
+        gate, up = F.linear(h, layer["gate_up"]).chunk(2, -1)
         return x + F.linear(F.silu(gate) * up, layer["down"])
 
-    def _prefill(self, tokens: Tensor, lengths: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    def _prefill(self, tokens: Tensor, lengths: Tensor) -> tuple[Tensor, list]:
         """Right-padded prompts [P, L] -> final-norm hidden states [P, L, hidden] and each layer's
         rotated keys and values [P, kv_heads, L, head_dim]."""
         cfg, hd = self.cfg, self.cfg.head_dim
@@ -245,13 +251,21 @@ class TorchEngine:
             q = rotate(q.view(num_prompts, length, -1, hd).transpose(1, 2), cos, sin)
             k = rotate(k.view(num_prompts, length, -1, hd).transpose(1, 2), cos, sin)
             v = v.view(num_prompts, length, -1, hd).transpose(1, 2)
-            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+            attn = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+            )
             x = self._layer_rest(layer, x, attn.transpose(1, 2).reshape(num_prompts, length, -1))
             cache.append((k, v))
         return rms_norm(x, self._final_norm, cfg.norm_epsilon), cache
 
     def _decode(
-        self, tokens: Tensor, positions: Tensor, step: int, prompt_cache: list, prompt_bias: Tensor, own_cache: list
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        step: int,
+        prompt_cache: list,
+        prompt_bias: Tensor,
+        own_cache: list,
     ) -> Tensor:
         """One token per row at its own position; writes the row's keys/values at `step` of its
         own cache and returns float32 next-token logits [R, vocab]."""
@@ -259,7 +273,9 @@ class TorchEngine:
         rows, group = tokens.shape[0], cfg.num_attention_heads // cfg.num_query_groups
         cos, sin = self._cos[positions][:, None], self._sin[positions][:, None]
         x = self._embed[tokens]
-        for layer, (prompt_k, prompt_v), (own_k, own_v) in zip(self._layers, prompt_cache, own_cache):
+        for layer, (prompt_k, prompt_v), (own_k, own_v) in zip(
+            self._layers, prompt_cache, own_cache
+        ):
             q, k, v = self._layer_qkv(layer, x)
             q = rotate(q.view(rows, -1, hd), cos, sin) * hd**-0.5
             own_k[:, :, step] = rotate(k.view(rows, -1, hd), cos, sin)
@@ -286,7 +302,10 @@ class TorchEngine:
 
         rows = len(prompts) * k
         kv_shape = (rows, self.cfg.num_query_groups, steps, self.cfg.head_dim)
-        own_cache = [(torch.empty(kv_shape, dtype=self.dtype), torch.empty(kv_shape, dtype=self.dtype)) for _ in self._layers]
+        own_cache = [
+            (torch.empty(kv_shape, dtype=self.dtype), torch.empty(kv_shape, dtype=self.dtype))
+            for _ in self._layers
+        ]
         out = torch.empty(rows, steps, dtype=torch.long)
         out_len = torch.full((rows,), steps)
         row_ids = torch.arange(rows)  # original row of each row still decoding
@@ -308,7 +327,8 @@ class TorchEngine:
                 prompt_cache = [(pk[keep], pv[keep]) for pk, pv in prompt_cache]
                 prompt_bias = prompt_bias[keep]
                 own_cache = [(ok[keep_rows], ov[keep_rows]) for ok, ov in own_cache]
-                token, positions, row_ids, done = token[keep_rows], positions[keep_rows], row_ids[keep_rows], done[keep_rows]
+                token, positions = token[keep_rows], positions[keep_rows]
+                row_ids, done = row_ids[keep_rows], done[keep_rows]
             logits = self._decode(token, positions, step, prompt_cache, prompt_bias, own_cache)
             positions = positions + 1
         return [row[:n] for row, n in zip(out.tolist(), out_len.tolist())]
@@ -319,11 +339,14 @@ class TorchEngine:
             if not p:
                 raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
             if min(p) < 0 or max(p) >= self.cfg.vocab_size:
-                raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {self.cfg.vocab_size})")
+                raise ValueError(
+                    f"prompt {i} has token ids outside the vocabulary [0, {self.cfg.vocab_size})"
+                )
             if len(p) + max_new_tokens > limit:
                 raise ValueError(
-                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it exceeds "
-                    f"max_position_embeddings={limit}: shorten the prompt or lower max_new_tokens"
+                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it "
+                    f"exceeds max_position_embeddings={limit}: shorten the prompt or lower "
+                    "max_new_tokens"
                 )
 
     @torch.inference_mode()
@@ -363,7 +386,8 @@ class TorchEngine:
         self._check_prompts(prompts, 0)
         logits = []
         for first in range(0, len(prompts), self.max_batch_size):
-            tokens, lengths = right_pad(prompts[first : first + self.max_batch_size], self.pad_token_id)
+            batch = prompts[first : first + self.max_batch_size]
+            tokens, lengths = right_pad(batch, self.pad_token_id)
             hidden, _ = self._prefill(tokens, lengths)
             all_logits = F.linear(hidden, self._lm_head).float()
             logits += [row[:n] for row, n in zip(all_logits, lengths.tolist())]

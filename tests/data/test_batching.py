@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+from metaapo_nemo.data.batching import collate, encode_prompt, encode_response, truncate
+from metaapo_nemo.data.toy_task import build_tokenizer
+
+# Toy tokenizer ids: <pad> 0, <bos> 1, <eos> 2, 'a'..'z' 4..29, ':' 41, '=' 42, '.' 43.
+A, B, E, H, I, R, S, U, V = 4, 5, 8, 11, 12, 21, 22, 24, 25
+COLON, EQUALS, DOT = 41, 42, 43
+
+
+@pytest.fixture
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture
+def chat_tokenizer():
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}.{% endfor %}"
+        "{% if add_generation_prompt %}a:{% endif %}"
+    )
+    return tokenizer
+
+
+def test_plain_prompt_is_bos_then_its_characters(tokenizer):
+    assert encode_prompt(tokenizer, "rev:ab=") == [1, R, E, V, COLON, A, B, EQUALS]
+
+
+def test_plain_prompt_without_a_bos_token_is_just_its_text(tokenizer):
+    tokenizer.bos_token = None
+    assert encode_prompt(tokenizer, "ab") == [A, B]
+
+
+def test_chat_template_renders_a_string_as_one_user_turn_with_the_generation_prompt(chat_tokenizer):
+    # "<bos>u:hi.a:" -- the template's own bos, not a second one.
+    assert encode_prompt(chat_tokenizer, "hi") == [1, U, COLON, H, I, DOT, A, COLON]
+
+
+def test_chat_template_renders_message_lists(chat_tokenizer):
+    messages = [{"role": "system", "content": "be"}, {"role": "user", "content": "hi"}]
+    # "<bos>s:be.u:hi.a:"
+    assert encode_prompt(chat_tokenizer, messages) == [1, S, COLON, B, E, DOT, U, COLON, H, I, DOT, A, COLON]
+
+
+def test_messages_without_a_chat_template_are_an_error(tokenizer):
+    with pytest.raises(ValueError, match="no chat template"):
+        encode_prompt(tokenizer, [{"role": "user", "content": "hi"}])
+
+
+def test_response_is_its_text_then_eos(tokenizer):
+    assert encode_response(tokenizer, "ba") == [B, A, 2]
+    tokenizer.eos_token = None
+    with pytest.raises(ValueError, match="no eos token"):
+        encode_response(tokenizer, "ba")
+
+
+def test_collate_right_pads_and_records_prompt_and_sequence_lengths():
+    batch = collate([([1, 2, 3], [4, 5]), ([6], [7, 8, 9, 10, 11]), ([12, 13], [])], pad_id=0)
+    assert torch.equal(
+        batch.tokens,
+        torch.tensor([[1, 2, 3, 4, 5, 0], [6, 7, 8, 9, 10, 11], [12, 13, 0, 0, 0, 0]]),
+    )
+    assert batch.tokens.dtype == torch.long
+    assert batch.prompt_lens.tolist() == [3, 1, 2]
+    assert batch.lengths.tolist() == [5, 6, 2]
+
+
+def test_collate_rejects_empty_input():
+    with pytest.raises(ValueError, match="no sequences"):
+        collate([], pad_id=0)
+    with pytest.raises(ValueError, match="empty prompt"):
+        collate([([], [1])], pad_id=0)
+
+
+def test_truncate_keeps_the_end_of_the_prompt_and_the_start_of_the_response():
+    prompt, response = list(range(10)), [100, 101, 102, 103]
+    assert truncate(prompt, response, max_prompt_len=4, max_len=6) == ([6, 7, 8, 9], [100, 101], True)
+    assert truncate(prompt, response, max_prompt_len=4, max_len=20) == ([6, 7, 8, 9], response, True)
+    assert truncate([1, 2], response, max_prompt_len=4, max_len=5) == ([1, 2], [100, 101, 102], True)
+
+
+def test_truncate_leaves_fitting_sequences_alone():
+    assert truncate([1, 2], [3, 4], max_prompt_len=2, max_len=4) == ([1, 2], [3, 4], False)
+
+
+def test_truncate_needs_room_for_a_response():
+    with pytest.raises(ValueError, match="0 < max_prompt_len < max_len"):
+        truncate([1], [2], max_prompt_len=8, max_len=8)

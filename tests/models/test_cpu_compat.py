@@ -1,0 +1,144 @@
+"""Each CPU patch: the megatron path it serves fails without it and gives the right values with
+it. (Patches only reachable with several ranks - p2p, TP logit gathering, tied embeddings
+across pipeline stages - are exercised by test_parallel.py.)"""
+import pytest
+import torch
+
+import megatron.core.models.common.embeddings.rotary_pos_embedding as rotary_module
+import megatron.core.utils
+from megatron.core import tensor_parallel
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import param_and_grad_buffer
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.optimizer import OptimizerConfig, clip_grads, get_megatron_optimizer
+from megatron.core.optimizer import optimizer as optimizer_module
+from megatron.core.pipeline_parallel import get_forward_backward_func, schedules
+
+from metaapo_nemo.distributed import init_distributed
+from metaapo_nemo.models import cpu_compat
+from metaapo_nemo.models.config import ModelConfig
+from metaapo_nemo.models.gpt import build_gpt_model
+from metaapo_nemo.models.logprobs import sequence_logprobs
+
+CFG = ModelConfig(vocab_size=61, hidden_size=32, num_layers=2, num_attention_heads=4,
+                  num_query_groups=2, ffn_hidden_size=48)
+CUDA_MISSING = (AssertionError, RuntimeError)  # "Torch not compiled with CUDA enabled" & co.
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _parallel_state():
+    init_distributed()
+
+
+def _batches():
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.randint(0, CFG.vocab_size, (2, 8), generator=gen), torch.tensor([2, 3]),
+             torch.tensor([8, 6])) for _ in range(2)]
+
+
+def _forward_step(data_iterator, model):
+    logp_sum, _ = sequence_logprobs(model, *next(data_iterator))
+    return logp_sum, lambda out: (-out.mean(), {"loss": -out.mean().detach()})
+
+
+def _run_schedule(model, batches):
+    return get_forward_backward_func()(
+        forward_step_func=_forward_step, data_iterator=iter(batches), model=[model],
+        num_microbatches=len(batches), seq_length=8, micro_batch_size=2, forward_only=False,
+    )
+
+
+def test_rotary_embedding_is_computed_on_cpu(monkeypatch):
+    rope = RotaryEmbedding(kv_channels=8, rotary_percent=1.0, use_cpu_initialization=True)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, 8, 2) / 8)
+    freqs = torch.outer(torch.arange(5.0), inv_freq)
+    assert torch.allclose(rope.get_emb(5)[:, 0, 0], torch.cat([freqs, freqs], dim=-1))
+    monkeypatch.setattr(rotary_module, "torch", torch)
+    with pytest.raises(CUDA_MISSING):
+        rope.get_emb(5)
+
+
+def test_no_pipelining_schedule_runs_and_averages_microbatch_losses(monkeypatch):
+    model = build_gpt_model(CFG)
+    batches = _batches()
+    losses = [out["loss"] for out in _run_schedule(model, batches)]
+    with torch.no_grad():
+        expected = [-sequence_logprobs(model, *b)[0].mean() for b in batches]
+    assert torch.allclose(torch.stack(losses), torch.stack(expected))
+    monkeypatch.setattr(schedules, "torch", torch)
+    with pytest.raises(CUDA_MISSING):
+        _run_schedule(model, batches)
+
+
+def _megatron_training(clip_grad):
+    model = build_gpt_model(CFG)
+    initial = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+    model.config.finalize_model_grads_func = finalize_model_grads
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=0.01, weight_decay=0.0, clip_grad=clip_grad), [ddp]
+    )
+    return model, initial, ddp, optimizer
+
+
+def test_megatron_optimizer_step_equals_adamw_after_grad_clipping():
+    model, initial, ddp, optimizer = _megatron_training(clip_grad=0.5)
+    batches = _batches()
+    _run_schedule(ddp, batches)
+    _, grad_norm, _ = optimizer.step()
+
+    reference = build_gpt_model(CFG)
+    reference.load_state_dict(initial, strict=False)
+    loss = sum(-sequence_logprobs(reference, *b)[0].mean() for b in batches) / len(batches)
+    loss.backward()
+    reference_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+    torch.optim.AdamW(reference.parameters(), lr=0.01, weight_decay=0.0).step()
+
+    assert reference_norm > 0.5  # clipping really scaled the gradients
+    assert grad_norm == pytest.approx(reference_norm.item(), rel=1e-5)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+@pytest.mark.parametrize("module, name, original", [
+    (param_and_grad_buffer, "torch", torch),
+    (optimizer_module, "torch", torch),
+    (clip_grads, "torch", torch),
+    (clip_grads, "l2_norm_impl", megatron.core.utils.local_multi_tensor_l2_norm),
+    (optimizer_module, "clip_grad_by_total_norm_fp32", clip_grads.clip_grad_by_total_norm_fp32),
+])
+def test_megatron_training_step_needs_each_optimizer_patch(monkeypatch, module, name, original):
+    monkeypatch.setattr(module, name, original)
+    with pytest.raises(CUDA_MISSING):
+        _, _, ddp, optimizer = _megatron_training(clip_grad=0.5)
+        _run_schedule(ddp, _batches())
+        optimizer.step()
+
+
+def test_seeded_rng_tracker_forks_on_cpu_and_makes_initialisation_reproducible():
+    with pytest.raises(CUDA_MISSING):
+        tensor_parallel.model_parallel_cuda_manual_seed(3, force_reset_rng=True)  # why the CPU path exists
+    cpu_compat.seed_model_parallel_rng(3)
+    first = build_gpt_model(CFG).state_dict()
+    cpu_compat.seed_model_parallel_rng(3)
+    second = build_gpt_model(CFG).state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first if not k.endswith("_extra_state"))
+    with tensor_parallel.get_cuda_rng_tracker().fork():
+        torch.rand(1)
+
+
+def test_patches_are_applied_once():
+    setup = LanguageModule.setup_embeddings_and_output_layer
+    cpu_compat.apply_cpu_patches()
+    assert LanguageModule.setup_embeddings_and_output_layer is setup
+    assert rotary_module.torch is cpu_compat.TORCH_ON_CPU
+
+
+def test_nothing_is_patched_when_cuda_is_available(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cpu_compat, "_applied", False)
+    monkeypatch.setattr(rotary_module, "torch", torch)
+    cpu_compat.apply_cpu_patches()
+    assert rotary_module.torch is torch

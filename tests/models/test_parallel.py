@@ -1,0 +1,157 @@
+"""Two gloo ranks under torchrun: tensor parallelism (TP=2) and pipeline parallelism (PP=2, the
+1F1B schedule) give transformers' numbers, and weights load into and export from the shards.
+
+The test launches this file as its own worker (the `__main__` block) so the ranks share nothing
+with the pytest process.
+"""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+SIZES = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2)
+PROMPT_LENS, LENGTHS = torch.tensor([2, 5, 3]), torch.tensor([9, 7, 4])
+
+
+def test_tensor_and_pipeline_parallel_ranks_reproduce_transformers():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(port), __file__],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count("ranks agree") == 2
+
+
+# ------------------------------------------------------------------------------------------
+# The worker: every rank runs everything below.
+
+
+def _hf_models():
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)  # same weights on every rank
+    models = [LlamaForCausalLM(LlamaConfig(**SIZES)),
+              Qwen2ForCausalLM(Qwen2Config(**SIZES, tie_word_embeddings=True))]
+    with torch.no_grad():
+        for model in models:
+            for name, p in model.named_parameters():
+                p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
+    return [m.eval() for m in models]
+
+
+def _batch():
+    tokens = torch.randint(1, SIZES["vocab_size"], (3, 10), generator=torch.Generator().manual_seed(1))
+    tokens[torch.arange(10) >= LENGTHS[:, None]] = 0
+    return tokens
+
+
+def _hand_logprobs(hf_model, tokens):
+    logp = torch.log_softmax(hf_model(tokens).logits, dim=-1)
+    return torch.stack([
+        sum(logp[b, t - 1, tokens[b, t]] for t in range(PROMPT_LENS[b], LENGTHS[b])) for b in range(3)
+    ])
+
+
+def _canonical(hf_model, cfg):
+    return {k: v for k, v in hf_model.state_dict().items()
+            if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+
+
+def _assert_exported_equals(model, cfg, hf_model):
+    from metaapo_nemo.models.hf_convert import export_hf_state_dict
+
+    exported, expected = export_hf_state_dict(model, cfg), _canonical(hf_model, cfg)
+    assert exported.keys() == expected.keys()
+    assert all(torch.equal(exported[k], expected[k]) for k in expected)
+
+
+def _tensor_parallel_checks(hf_model):
+    from metaapo_nemo.models import hf_convert
+    from metaapo_nemo.models.gpt import build_gpt_model
+    from metaapo_nemo.models.logprobs import full_logits, sequence_logprobs
+
+    cfg = hf_convert.model_config_from_hf(hf_model.config)
+    model = build_gpt_model(cfg)
+    hf_convert.load_hf_into_model(model, cfg, hf_model.state_dict())
+    assert model.embedding.word_embeddings.weight.shape[0] == SIZES["vocab_size"] // 2  # sharded
+    tokens = _batch()
+    with torch.no_grad():
+        assert (full_logits(model, tokens) - hf_model(tokens).logits).abs().max() <= 1e-4
+    logp_sum, _ = sequence_logprobs(model, tokens, PROMPT_LENS, LENGTHS)
+    expected = _hand_logprobs(hf_model, tokens)
+    assert torch.allclose(logp_sum, expected, atol=1e-4, rtol=0)
+    # Gradients: gather each parameter's shards as export does, compare in HF names.
+    logp_sum.sum().backward()
+    expected.sum().backward()
+    grads = {hf_convert._full_name(model, n, cfg): hf_convert._gather_tensor_parallel(p.grad, p)
+             for n, p in model.named_parameters()}
+    for name, grad in hf_convert.megatron_to_hf(grads, cfg).items():
+        assert torch.allclose(grad, dict(hf_model.named_parameters())[name].grad, atol=1e-5, rtol=1e-4), name
+    hf_model.zero_grad()
+    _assert_exported_equals(model, cfg, hf_model)
+
+
+def _pipeline_parallel_checks(hf_model):
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from metaapo_nemo.models import hf_convert
+    from metaapo_nemo.models.gpt import build_gpt_model
+    from metaapo_nemo.models.logprobs import decoder_hidden_states, response_logprobs
+
+    cfg = hf_convert.model_config_from_hf(hf_model.config)
+    last = parallel_state.is_pipeline_last_stage()
+    model = build_gpt_model(cfg, pre_process=parallel_state.is_pipeline_first_stage(), post_process=last)
+    hf_convert.load_hf_into_model(model, cfg, hf_model.state_dict())
+    assert len(model.decoder.layers) == 1
+    tokens = _batch()
+    seen = []
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        hidden = decoder_hidden_states(model, batch)
+        if not last:
+            return hidden, None
+        logp_sum, _ = response_logprobs(model, hidden, batch, PROMPT_LENS, LENGTHS)
+        seen.append(logp_sum.detach())
+        return logp_sum, lambda out: (-out.sum(), {"logp": out.detach()})
+
+    get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter([tokens] * 4), model=[model],
+        num_microbatches=4, seq_length=10, micro_batch_size=3, forward_only=False,
+    )
+    if last:
+        expected = _hand_logprobs(hf_model, tokens).detach()
+        assert len(seen) == 4 and all(torch.allclose(s, expected, atol=1e-4, rtol=0) for s in seen)
+    _assert_exported_equals(model, cfg, hf_model)
+
+
+def _worker():
+    import torch.distributed as dist
+
+    from metaapo_nemo.distributed import destroy_distributed, init_distributed
+
+    torch.set_num_threads(1)
+    hf_models = _hf_models()
+    init_distributed(tensor_model_parallel_size=2)
+    for hf_model in hf_models:
+        _tensor_parallel_checks(hf_model)
+    init_distributed(pipeline_model_parallel_size=2)
+    for hf_model in hf_models:
+        _pipeline_parallel_checks(hf_model)
+    print(f"rank {dist.get_rank()}: ranks agree", flush=True)
+    destroy_distributed()
+
+
+if __name__ == "__main__":
+    _worker()

@@ -1,0 +1,245 @@
+"""TorchEngine against Hugging Face transformers: same logits, same greedy tokens, and sampling
+that follows the softmax it should."""
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from metaapo_nemo.models.config import ModelConfig
+from metaapo_nemo.rollout.engine import SamplingParams
+from metaapo_nemo.rollout.torch_engine import TorchEngine
+
+PAD = 0
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [21], [30, 31, 32, 33, 34]]
+
+LLAMA = ModelConfig(
+    vocab_size=50, hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2,
+    ffn_hidden_size=96, max_position_embeddings=128,
+)
+QWEN2 = ModelConfig(
+    vocab_size=50, hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2,
+    ffn_hidden_size=96, max_position_embeddings=128, rotary_base=1000.0, norm_epsilon=1e-6,
+    qkv_bias=True, tie_word_embeddings=True,
+)
+
+
+def hf_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
+    """A random HF model of `cfg` whose every parameter (biases and norms included) is drawn large
+    enough that greedy choices are far from ties."""
+    common = dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.ffn_hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_query_groups,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_theta=cfg.rotary_base, rms_norm_eps=cfg.norm_epsilon,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+    )
+    if cfg.qkv_bias:
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            p.copy_(1 + 0.2 * noise if "norm" in name else 0.3 * noise)
+    return model.eval()
+
+
+def engine_for(cfg: ModelConfig, model: torch.nn.Module, eos: int, **kw) -> TorchEngine:
+    engine = TorchEngine(cfg, eos_token_id=eos, pad_token_id=PAD, **kw)
+    engine.refit(model.state_dict())
+    return engine
+
+
+def hf_greedy(model: torch.nn.Module, prompt: list[int], eos: int | None, max_new: int):
+    model.generation_config.eos_token_id = eos
+    out = model.generate(
+        torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new, pad_token_id=PAD,
+        eos_token_id=eos,
+    )
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module", params=[LLAMA, QWEN2], ids=["llama", "qwen2_bias_tied"])
+def cfg_and_model(request):
+    return request.param, hf_model(request.param, seed=0)
+
+
+def test_prompt_logits_equal_hf_logits_for_prompts_of_different_lengths(cfg_and_model):
+    cfg, model = cfg_and_model
+    engine = engine_for(cfg, model, eos=1)
+    for prompt, logits in zip(PROMPTS, engine.prompt_logits(PROMPTS)):
+        with torch.no_grad():
+            expected = model(torch.tensor([prompt])).logits[0]
+        assert logits.shape == (len(prompt), cfg.vocab_size)
+        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+
+
+def test_greedy_tokens_equal_hf_generate_with_eos_and_length_cut(cfg_and_model):
+    cfg, model = cfg_and_model
+    max_new = 12
+    # eos = the token prompt 0 says third, so prompt 0 ends early while others run to the cut
+    eos = hf_greedy(model, PROMPTS[0], None, max_new)[2]
+    expected = [hf_greedy(model, p, eos, max_new) for p in PROMPTS]
+    assert expected[0][-1] == eos and len(expected[0]) <= 3
+    assert any(len(e) == max_new and eos not in e for e in expected)
+    engine = engine_for(cfg, model, eos=eos)
+    params = SamplingParams(num_samples=2, greedy=True, max_new_tokens=max_new)
+    got = engine.generate(PROMPTS, params)
+    assert got == [[e, e] for e in expected]
+    assert engine.stats.new_tokens == 2 * sum(len(e) for e in expected)
+    assert engine.stats.seconds > 0
+
+
+def test_batches_smaller_than_the_prompt_set_give_the_same_greedy_tokens():
+    model = hf_model(LLAMA, seed=1)
+    params = SamplingParams(num_samples=3, greedy=True, max_new_tokens=6)
+    whole = engine_for(LLAMA, model, eos=1).generate(PROMPTS, params)
+    assert engine_for(LLAMA, model, eos=1, max_batch_size=4).generate(PROMPTS, params) == whole
+
+
+def test_sampling_repeats_for_a_seed_and_changes_with_another_seed():
+    engine = engine_for(LLAMA, hf_model(LLAMA, seed=2), eos=1)
+    params = SamplingParams(num_samples=4, temperature=1.0, top_p=0.9, max_new_tokens=10, seed=7)
+    first = engine.generate(PROMPTS, params)
+    assert engine.generate(PROMPTS, params) == first
+    params.seed = 8
+    assert engine.generate(PROMPTS, params) != first
+    assert len({tuple(r) for r in first[1]}) > 1  # the K samples of a prompt differ
+
+
+def test_responses_end_at_eos_or_at_max_new_tokens():
+    # eos = the most likely first token of prompt 0, so sampled responses hit it often
+    engine = engine_for(LLAMA, hf_model(LLAMA, seed=3), eos=1)
+    eos = int(engine.prompt_logits(PROMPTS[:1])[0][-1].argmax())
+    engine.eos_token_id = eos
+    responses = engine.generate(PROMPTS, SamplingParams(num_samples=8, max_new_tokens=7, seed=1))
+    flat = [r for per_prompt in responses for r in per_prompt]
+    assert len(responses) == len(PROMPTS) and all(len(s) == 8 for s in responses)
+    assert all(1 <= len(r) <= 7 and eos not in r[:-1] for r in flat)
+    assert all(r[-1] == eos for r in flat if len(r) < 7)
+    assert any(len(r) < 7 for r in flat) and any(len(r) == 7 for r in flat)
+
+
+def test_tiny_top_p_decodes_greedily():
+    engine = engine_for(QWEN2, hf_model(QWEN2, seed=4), eos=1)
+    greedy = engine.generate(PROMPTS, SamplingParams(num_samples=3, greedy=True, max_new_tokens=8))
+    params = SamplingParams(num_samples=3, top_p=1e-6, max_new_tokens=8, seed=3)
+    nucleus = engine.generate(PROMPTS, params)
+    assert nucleus == greedy
+
+
+def first_token_frequencies(engine: TorchEngine, prompt: list[int], params: SamplingParams):
+    first_tokens = torch.tensor([r[0] for r in engine.generate([prompt], params)[0]])
+    counts = torch.bincount(first_tokens, minlength=engine.cfg.vocab_size)
+    return counts / counts.sum()
+
+
+def test_first_tokens_follow_the_tempered_softmax():
+    n = 4000
+    engine = engine_for(LLAMA, hf_model(LLAMA, seed=5), eos=1, max_batch_size=n)
+    prompt = PROMPTS[1]
+    logits = engine.prompt_logits([prompt])[0][-1]
+    probs = (logits / 2.0).softmax(-1)
+    params = SamplingParams(n, temperature=2.0, max_new_tokens=1)
+    freq = first_token_frequencies(engine, prompt, params)
+    # total variation of n draws from probs is about 0.4 * sum(sqrt(p / n)) = 0.035 here
+    assert 0.5 * (freq - probs).abs().sum() < 0.06
+    assert 0.5 * (freq - logits.softmax(-1)).abs().sum() > 0.4  # temperature 1 would be far off
+
+
+def test_nucleus_samples_only_the_top_set_in_proportion():
+    n = 4000
+    engine = engine_for(LLAMA, hf_model(LLAMA, seed=5), eos=1, max_batch_size=n)
+    prompt = PROMPTS[1]
+    probs = (engine.prompt_logits([prompt])[0][-1] / 2.0).softmax(-1)
+    sorted_probs, order = probs.sort(descending=True)
+    top = order[: int((sorted_probs.cumsum(0) < 0.6).sum()) + 1]  # smallest set with mass >= 0.6
+    assert 1 < len(top) < LLAMA.vocab_size
+    freq = first_token_frequencies(
+        engine, prompt, SamplingParams(n, temperature=2.0, top_p=0.6, max_new_tokens=1)
+    )
+    outside = torch.ones(LLAMA.vocab_size, dtype=torch.bool)
+    outside[top] = False
+    assert freq[outside].sum() == 0
+    expected = probs[top] / probs[top].sum()
+    assert 0.5 * (freq[top] - expected).abs().sum() < 0.05
+
+
+def test_refit_with_new_weights_gives_the_new_model_tokens_in_the_same_buffers():
+    old, new = hf_model(LLAMA, seed=6), hf_model(LLAMA, seed=7)
+    engine = engine_for(LLAMA, old, eos=1)
+    params = SamplingParams(num_samples=1, greedy=True, max_new_tokens=8)
+    before = engine.generate(PROMPTS, params)
+    buffers = [t.data_ptr() for t in engine._slots.values()]
+    engine.refit(new.state_dict())
+    assert [t.data_ptr() for t in engine._slots.values()] == buffers
+    after = engine.generate(PROMPTS, params)
+    assert after != before
+    assert after == [[hf_greedy(new, p, 1, 8)] for p in PROMPTS]
+
+
+def test_refit_rejects_wrong_keys_and_shapes_and_keeps_the_old_weights():
+    model = hf_model(LLAMA, seed=8)
+    engine = engine_for(LLAMA, model, eos=1)
+    logits = engine.prompt_logits(PROMPTS)[1]
+    good = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+
+    missing = dict(good)
+    del missing["model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(ValueError, match=r"missing \['model.layers.1.mlp.up_proj.weight'\]"):
+        engine.refit(missing)
+    with pytest.raises(ValueError, match=r"unexpected \['model.layers.2.mlp.up_proj.weight'\]"):
+        engine.refit({**good, "model.layers.2.mlp.up_proj.weight": torch.zeros(96, 64)})
+    with pytest.raises(ValueError, match=r"model.norm.weight: got \(63,\), expected \(64,\)"):
+        engine.refit({**good, "model.norm.weight": torch.zeros(63)})
+    torch.testing.assert_close(engine.prompt_logits(PROMPTS)[1], logits, atol=0, rtol=0)
+
+
+def test_refit_with_tied_embeddings_refuses_an_lm_head_that_differs():
+    model = hf_model(QWEN2, seed=9)
+    engine = TorchEngine(QWEN2, eos_token_id=1, pad_token_id=PAD)
+    state = dict(model.state_dict())
+    state["lm_head.weight"] = state["lm_head.weight"] + 1
+    with pytest.raises(ValueError, match="ties word embeddings but lm_head.weight differs"):
+        engine.refit(state)
+    del state["lm_head.weight"]
+    engine.refit(state)  # a tied export may leave the head out
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_samples=0), "num_samples must be >= 1"),
+        (dict(temperature=0.0), "temperature must be > 0"),
+        (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+        (dict(seed=-1), "seed must be >= 0"),
+    ],
+)
+def test_sampling_params_reject_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_greedy_params_ignore_temperature():
+    assert SamplingParams(temperature=0.0, greedy=True).greedy
+
+
+def test_generate_rejects_bad_calls_with_what_to_fix():
+    engine = TorchEngine(LLAMA, eos_token_id=1, pad_token_id=PAD, max_batch_size=4)
+    params = SamplingParams(num_samples=2, max_new_tokens=4)
+    with pytest.raises(RuntimeError, match="call refit"):
+        engine.generate(PROMPTS, params)
+    engine.refit(hf_model(LLAMA, seed=10).state_dict())
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        engine.generate([[3], []], params)
+    with pytest.raises(ValueError, match=r"prompt 0 has token ids outside the vocabulary"):
+        engine.generate([[50]], params)
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings=128"):
+        engine.generate([[3] * 125], params)
+    with pytest.raises(ValueError, match="num_samples 8 exceeds max_batch_size 4"):
+        engine.generate(PROMPTS, SamplingParams(num_samples=8))
+    with pytest.raises(ValueError, match="eos_token_id 50 is outside the vocabulary"):
+        TorchEngine(LLAMA, eos_token_id=50, pad_token_id=PAD)
