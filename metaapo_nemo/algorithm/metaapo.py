@@ -94,7 +94,7 @@ class MetaAPORun:
         if c.trainer.num_threads:
             torch.set_num_threads(c.trainer.num_threads)
         apply_cpu_patches()
-        init_distributed(c.trainer.tensor_model_parallel_size, c.trainer.pipeline_model_parallel_size)
+        init_distributed(c.trainer.tensor_model_parallel_size, c.trainer.pipeline_model_parallel_size, seed=c.seed)
         self.rank0 = is_rank0()
         self.console = Console(enabled=self.rank0)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -159,10 +159,9 @@ class MetaAPORun:
             records = records[: c.data.max_train_pairs]
         self.examples, truncated = self._tokenize(records)
         eval_prompts, eval_skipped = load_eval_prompts(c.data.eval, skip_invalid=c.data.skip_invalid)
-        eval_prompts = eval_prompts[: c.data.max_eval_prompts]
+        eval_prompts = [e.prompt for e in eval_prompts[: c.data.max_eval_prompts]]
         self.eval_prompts = [self._prompt_text(p) for p in eval_prompts]
-        self.eval_ids = [encode_prompt(self.tokenizer, p)[-p_len:] for p, p_len in
-                         zip(eval_prompts, [c.policy.max_prompt_length] * len(eval_prompts))]
+        self.eval_ids = [encode_prompt(self.tokenizer, p)[-c.policy.max_prompt_length:] for p in eval_prompts]
         n = len(self.examples)
         if n < c.algo.iterations:
             raise ValueError(f"{n} preference pairs cannot fill algo.iterations={c.algo.iterations} slices")
@@ -172,8 +171,8 @@ class MetaAPORun:
         self.console.log(f"{c.algo.name}: {n} pairs ({skipped} skipped, {truncated} truncated) in {c.algo.iterations} "
                          f"iterations, {len(self.eval_prompts)} held-out prompts ({eval_skipped} skipped), "
                          f"policy {n_params / 1e6:.2f}M parameters, reward at {', '.join(urls)}")
-        self.metrics.write("setup", 0, 0, pairs=n, skipped=skipped, truncated=truncated, eval_prompts=len(self.eval_prompts),
-                           parameters=n_params, algorithm=c.algo.name)
+        self.setup_info = dict(algorithm=c.algo.name, pairs=n, skipped=skipped, truncated=truncated,
+                               eval_prompts=len(self.eval_prompts), parameters=n_params)
 
     def _prompt_text(self, prompt) -> str:
         if isinstance(prompt, str) and not self.tokenizer.chat_template:
@@ -203,12 +202,13 @@ class MetaAPORun:
             return summary
         run_started = time.perf_counter()
         self.setup()
-        c, s = self.config, self.state
+        c = self.config
         try:
             resumed = self._load_checkpoint()
+            s = self.state
             if not resumed:
-                self.metrics.truncate_after(-1)
-                self.metrics.write("setup", 0, 0, algorithm=c.algo.name, pairs=len(self.examples))
+                self.metrics.truncate_after(-1)  # lines of a run that stopped before its first checkpoint
+                self.metrics.write("setup", 0, 0, **self.setup_info)
                 s.reward_initial = self._evaluate(iteration=0)
                 self.console.log(f"held-out reward of the starting policy: {s.reward_initial:.4f}")
             for t in range(s.iteration, c.algo.iterations):
@@ -335,7 +335,8 @@ class MetaAPORun:
                 ties += 1
             if pair is None:
                 continue
-            e.online = (by_text[pair[0]], by_text[pair[1]])
+            room = c.policy.max_length - len(e.prompt)
+            e.online = (by_text[pair[0]][:room], by_text[pair[1]][:room])
             gaps.append(pair[2] - pair[3])
         s.ties += ties
         s.online_pairs += len(gaps)

@@ -21,6 +21,10 @@ the whole MetaAPO loop (SFT, DPO warm-up, online iterations) runs on a laptop CP
   does not make. Offline DPO on them gains little or lowers the reward, while best/worst pairs of
   the policy's own samples lift it: the gap MetaAPO's meta-learner learns to exploit by sending
   the prompts whose offline pair is uninformative to online sampling.
+
+Measured in a plain-torch prototype (HF Llama, 0.75M parameters, SFT as in ``sft_responses``;
+DPO beta 0.1, lr 5e-5, 60 steps of 32 prompts): held-out mean sampled reward went 0.80 -> 0.75
+with offline DPO (answers grew longer) and 0.80 -> 0.86 with online DPO on best/worst of 8.
 """
 
 import random
@@ -110,7 +114,9 @@ def reward(prompts: list[str], responses: list[str]) -> list[float]:
     response is ignored.
     """
     if len(prompts) != len(responses):
-        raise ValueError(f"reward got {len(prompts)} prompts but {len(responses)} responses; pass one response per prompt")
+        raise ValueError(
+            f"reward got {len(prompts)} prompts but {len(responses)} responses; pass one response per prompt"
+        )
     scores = []
     for prompt, response in zip(prompts, responses):
         target, response = answer(prompt), response.strip()
@@ -135,11 +141,13 @@ def _noisy(target: str, rng: random.Random, noise: float) -> str:
     return "".join(out)
 
 
-def sft_responses(prompts: list[str], seed: int, noise: float = 0.12) -> list[str]:
+def sft_responses(prompts: list[str], seed: int, noise: float = 0.15) -> list[str]:
     """Demonstrations for supervised fine-tuning: right answers with random per-letter errors.
 
-    With the default ``noise`` the mean reward is about 0.88 and about 40% of the answers are
-    perfect; a small model trained on them makes further errors of its own.
+    With the default ``noise`` the demonstrations score 0.86 on average and 39% are perfect. The
+    0.75M-parameter Llama of ``tiny_cpu`` fine-tuned on 8192 of them (600 steps of 64, lr 3e-3)
+    sampled at temperature 1 with mean reward 0.80 and best-of-8 0.98 on held-out prompts (greedy
+    0.985): it learns the task and imitates the noise.
     """
     rng = random.Random(seed)
     return [_noisy(answer(prompt), rng, noise) for prompt in prompts]

@@ -86,7 +86,7 @@ def test_select_for_sampling(name, threshold, expected):
 
 
 def test_threshold_sampling_without_threshold_says_which_setting():
-    with pytest.raises(ValueError, match="sampling_threshold"):
+    with pytest.raises(ValueError, match="algo.threshold"):
         select_for_sampling(resolve_strategy("adpo"), None, U, None, LOSS, None)
 
 

@@ -113,8 +113,10 @@ def test_a_broken_parquet_record_is_reported_with_its_row(tmp_path):
 
 
 def test_duplicate_prompt_ids_name_both_records_and_skip_the_second(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [CHAT_RECORD, STRING_RECORD, CHAT_RECORD, {**STRING_RECORD, "prompt_id": "2"}])
-    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}, line 3: prompt_id 'abc123' was already used by {re.escape(str(path))}, line 1"):
+    records = [CHAT_RECORD, STRING_RECORD, CHAT_RECORD, {**STRING_RECORD, "prompt_id": "2"}]
+    path = write_jsonl(tmp_path / "d.jsonl", records)
+    name = re.escape(str(path))
+    with pytest.raises(DataError, match=rf"^{name}, line 3: prompt_id 'abc123' was already used by {name}, line 1"):
         load_preferences(path)
     records, skipped = load_preferences(path, skip_invalid=True)
     assert [record.prompt_id for record in records] == ["abc123", "2"]

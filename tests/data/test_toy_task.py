@@ -70,8 +70,8 @@ def test_sft_demonstrations_are_mostly_right_with_varied_errors():
     responses = sft_responses(prompts, seed=1)
     scores = reward(prompts, responses)
     assert responses == sft_responses(prompts, seed=1)
-    assert 0.85 <= statistics.mean(scores) <= 0.92
-    assert 0.35 <= sum(score == 1.0 for score in scores) / len(scores) <= 0.6
+    assert 0.83 <= statistics.mean(scores) <= 0.89
+    assert 0.3 <= sum(score == 1.0 for score in scores) / len(scores) <= 0.5
     noisier = reward(prompts, sft_responses(prompts, seed=1, noise=0.3))
     assert statistics.mean(noisier) < statistics.mean(scores) - 0.1
 

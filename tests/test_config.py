@@ -1,0 +1,56 @@
+"""Recipes, overrides and validation: bad settings stop the run before anything heavy, naming the
+key and what to set."""
+import pytest
+
+from metaapo_nemo.config import ConfigError, MetaAPOConfig, apply_overrides
+from metaapo_nemo.recipes import RECIPES, get_recipe
+
+
+def test_every_recipe_is_complete_and_tiny_cpu_validates():
+    assert set(RECIPES) >= {"tiny_cpu", "llama31_8b", "qwen25_7b"}
+    get_recipe("tiny_cpu").validate()
+    assert get_recipe("qwen25_7b").rollout.temperature == 0.8 and get_recipe("qwen25_7b").rollout.top_p == 0.95
+    paper = get_recipe("llama31_8b")
+    assert (paper.policy.lr, paper.algo.beta, paper.algo.meta_lr, paper.algo.meta_interval, paper.algo.num_samples,
+            paper.algo.iterations, paper.trainer.global_batch_size) == (5e-7, 0.1, 5e-3, 8, 8, 3, 128)
+
+
+def test_overrides_set_nested_keys_with_parsed_types():
+    config = get_recipe("tiny_cpu")
+    apply_overrides(config, ["algo.beta=0.25", "algo.name=online_dpo", "seed=7", "policy.hf_path=/m",
+                             "reward.url=None", "algo.keep_ties=true", "output_dir=out/x"])
+    assert config.algo.beta == 0.25 and config.algo.name == "online_dpo" and config.seed == 7
+    assert config.policy.hf_path == "/m" and config.reward.url is None and config.algo.keep_ties is True
+    assert config.output_dir == "out/x"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("algo.bta=0.1", "unknown key 'bta'"),
+    ("algoo.beta=0.1", "no config section 'algoo'"),
+    ("beta", "expected KEY=VALUE"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(get_recipe("tiny_cpu"), [override])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("algo.name=metaapo_typo", "unknown algo.name"),
+    ("algo.num_samples=1", "algo.num_samples must be >= 2"),
+    ("trainer.global_batch_size=10", "multiple of trainer.micro_batch_size"),
+    ("rollout.top_p=0", "rollout.top_p=0"),
+    ("algo.iterations=0", "algo.iterations=0"),
+])
+def test_validation_says_what_to_change(override, message):
+    config = get_recipe("tiny_cpu")
+    apply_overrides(config, [override])
+    with pytest.raises(ConfigError, match=message):
+        config.validate()
+
+
+def test_bring_your_own_run_requires_checkpoint_data_and_reward():
+    with pytest.raises(ConfigError) as info:
+        MetaAPOConfig().validate()
+    text = str(info.value)
+    for key in ("policy.hf_path", "data.train", "data.eval", "reward.url"):
+        assert key in text
