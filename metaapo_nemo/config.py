@@ -152,8 +152,11 @@ class MetaAPOConfig:
             problems.append(f"rollout.top_p={self.rollout.top_p}: must be in (0, 1]")
         if self.rollout.temperature <= 0:
             problems.append(f"rollout.temperature={self.rollout.temperature}: must be > 0")
-        if self.rollout.engine not in ("torch", "trtllm"):
-            problems.append(f"rollout.engine={self.rollout.engine!r}: use 'torch' or 'trtllm'")
+        if self.rollout.engine == "trtllm":
+            problems.append("rollout.engine=trtllm: the TensorRT-LLM engine is not in this release yet; "
+                            "use rollout.engine=torch")
+        elif self.rollout.engine != "torch":
+            problems.append(f"rollout.engine={self.rollout.engine!r}: use 'torch'")
         if not self.task.enabled:
             if self.policy.hf_path is None:
                 problems.append("policy.hf_path is not set: give a Hugging Face checkpoint folder (or use --recipe tiny_cpu)")

@@ -137,8 +137,6 @@ class MetaAPORun:
         self.meta_optimizer = make_meta_optimizer(self.meta, lr=c.algo.meta_lr, weight_decay=c.algo.meta_weight_decay)
         self.meta_buffer = MetaBuffer()
 
-        if c.rollout.engine == "trtllm":
-            raise NotImplementedError("rollout.engine=trtllm is not available in this build; use rollout.engine=torch")
         self.engine = TorchEngine(model_cfg, eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
 
         self.reward_server = None
@@ -241,8 +239,9 @@ class MetaAPORun:
         started = time.perf_counter()
         offline = [(e.prompt, e.chosen) for e in examples] + [(e.prompt, e.rejected) for e in examples]
         n = len(examples)
-        ref_off = self._reference_logps(offline)
         needs_score = strategy.sampling in ("meta", "threshold", "adpo")
+        trains_offline = strategy.weighting != "online_only" or strategy.train_unselected_offline
+        ref_off = self._reference_logps(offline) if needs_score or trains_offline else None
         score_off = loss_off = w = None
         if needs_score:
             pol, ntok = self.policy.score(offline)
