@@ -19,19 +19,12 @@ from metaapo_nemo.models import hf_convert
 from metaapo_nemo.models.config import ModelConfig
 from metaapo_nemo.models.gpt import build_gpt_model
 from metaapo_nemo.models.logprobs import full_logits
+from tests.helpers import spread_weights
 
 SIZES = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2)
 
 
-def _spread_weights(model, seed):
-    """HF's 0.02-std init gives near-uniform logits; wider weights make parity tests bite."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            p.copy_(1 + 0.1 * noise if "norm" in name else 0.15 * noise)
-    return model.eval()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,7 +37,7 @@ def hf_models():
     """A Llama (GQA, untied head) and a Qwen2 (qkv bias, tied embeddings)."""
     llama = LlamaForCausalLM(LlamaConfig(**SIZES, rope_theta=500.0, rms_norm_eps=1e-6))
     qwen = Qwen2ForCausalLM(Qwen2Config(**SIZES, tie_word_embeddings=True, rms_norm_eps=1e-5))
-    return {"llama": _spread_weights(llama, 0), "qwen2": _spread_weights(qwen, 1)}
+    return {"llama": spread_weights(llama, 0), "qwen2": spread_weights(qwen, 1)}
 
 
 def _canonical(hf_model, cfg):
@@ -115,7 +108,7 @@ def test_megatron_logits_match_transformers_and_export_returns_the_weights(hf_mo
 
 
 def test_llama31_rope_scaling_matches_transformers():
-    hf_model = _spread_weights(LlamaForCausalLM(LlamaConfig(
+    hf_model = spread_weights(LlamaForCausalLM(LlamaConfig(
         **SIZES, max_position_embeddings=16384, rope_theta=500000.0,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},

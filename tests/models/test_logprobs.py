@@ -8,6 +8,7 @@ from metaapo_nemo.distributed import init_distributed
 from metaapo_nemo.models import hf_convert
 from metaapo_nemo.models.gpt import build_gpt_model
 from metaapo_nemo.models.logprobs import greedy_decode, sequence_logprobs
+from tests.helpers import spread_weights
 
 SIZES = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2)
@@ -17,13 +18,6 @@ PROMPT_LENS = torch.tensor([2, 5, 3])
 LENGTHS = torch.tensor([9, 7, 4])
 
 
-def _spread_weights(model, seed):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            p.copy_(1 + 0.1 * noise if "norm" in name else 0.15 * noise)
-    return model.eval()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,7 +32,7 @@ def pair(request):
         hf_model = LlamaForCausalLM(LlamaConfig(**SIZES))
     else:
         hf_model = Qwen2ForCausalLM(Qwen2Config(**SIZES, tie_word_embeddings=True))
-    hf_model = _spread_weights(hf_model, 0)
+    hf_model = spread_weights(hf_model, 0)
     cfg = hf_convert.model_config_from_hf(hf_model.config)
     model = build_gpt_model(cfg)
     hf_convert.load_hf_into_model(model, cfg, hf_model.state_dict())

@@ -7,6 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from metaapo_nemo.models.config import ModelConfig
 from metaapo_nemo.rollout.engine import SamplingParams
 from metaapo_nemo.rollout.torch_engine import TorchEngine
+from tests.helpers import spread_weights
 
 PAD = 0
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [21], [30, 31, 32, 33, 34]]
@@ -37,12 +38,7 @@ def hf_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
         model = Qwen2ForCausalLM(Qwen2Config(**common))
     else:
         model = LlamaForCausalLM(LlamaConfig(**common))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=generator)
-            p.copy_(1 + 0.2 * noise if "norm" in name else 0.3 * noise)
-    return model.eval()
+    return spread_weights(model, seed, scale=0.3, norm_scale=0.2)
 
 
 def engine_for(cfg: ModelConfig, model: torch.nn.Module, eos: int, **kw) -> TorchEngine:
