@@ -93,3 +93,44 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def world_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def data_parallel_rank() -> int:
+    return parallel_state.get_data_parallel_rank() if parallel_state.model_parallel_is_initialized() else 0
+
+
+def data_parallel_size() -> int:
+    return parallel_state.get_data_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
+
+
+def is_loss_rank() -> bool:
+    """The one rank per data-parallel replica that reports losses: last pipeline stage, tensor rank 0."""
+    if not parallel_state.model_parallel_is_initialized():
+        return True
+    return parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's `obj`, in global rank order, on every rank (WORLD group)."""
+    if world_size() == 1:
+        return [obj]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy `module`'s parameters and buffers from global rank `src` to every rank (WORLD group)."""
+    if world_size() == 1:
+        return
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, src=src)

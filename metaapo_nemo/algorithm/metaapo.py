@@ -17,6 +17,7 @@ import ast
 import json
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +27,12 @@ import torch
 from metaapo_nemo.algorithm.meta_learner import MetaBuffer, MetaLearner, make_meta_optimizer, meta_update
 from metaapo_nemo.algorithm.objectives import Objective, PairLogps, meta_weighted_loss
 from metaapo_nemo.algorithm.pairs import build_online_pair, build_selm_pair
-from metaapo_nemo.algorithm.sampling import uniform_draws
+from metaapo_nemo.algorithm.sampling import sample_seeds, uniform_draws
 from metaapo_nemo.algorithm.strategies import Strategy, loss_weights, offline_weight, resolve_strategy, select_for_sampling
 from metaapo_nemo.config import MetaAPOConfig
+from metaapo_nemo.distributed import (
+    all_gather_objects, barrier, broadcast_module, is_loss_rank, world_rank, world_size,
+)
 from metaapo_nemo.metrics import Console, MetricsWriter
 
 
@@ -141,13 +145,14 @@ class MetaAPORun:
 
         self.reward_server = None
         urls = _reward_urls(c.reward.url)
-        if not urls:
+        if not urls:  # rank 0 starts one local server for every rank
             from metaapo_nemo.reward.local import start_local_reward_server
 
-            self.console.log(f"reward: starting a local reward server ({c.reward.reward_fn or c.reward.model_dir})")
-            self.reward_server = start_local_reward_server(reward_fn=c.reward.reward_fn, model_dir=c.reward.model_dir,
-                                                           token=c.reward.token, log_file=str(self.out / "reward_server.log"))
-            urls = [self.reward_server.url]
+            if self.rank0:
+                self.console.log(f"reward: starting a local reward server ({c.reward.reward_fn or c.reward.model_dir})")
+                self.reward_server = start_local_reward_server(reward_fn=c.reward.reward_fn, model_dir=c.reward.model_dir,
+                                                               token=c.reward.token, log_file=str(self.out / "reward_server.log"))
+            urls = [all_gather_objects(self.reward_server.url if self.rank0 else None)[0]]
         self.reward = RewardClient(urls, token=c.reward.token, timeout_s=c.reward.timeout_s,
                                    max_retries=c.reward.max_retries, batch_size=c.reward.batch_size)
         self.reward.wait_until_healthy(c.reward.timeout_s)
@@ -195,8 +200,9 @@ class MetaAPORun:
         summary_path = self.out / "summary.json"
         if summary_path.exists() and json.loads(summary_path.read_text()).get("finished"):
             summary = json.loads(summary_path.read_text())
-            print(f"{self.out} holds a finished run; not running it again. Summary:")
-            _print_summary(summary)
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"{self.out} holds a finished run; not running it again. Summary:")
+                _print_summary(summary)
             return summary
         run_started = time.perf_counter()
         self.setup()
@@ -221,12 +227,14 @@ class MetaAPORun:
                 from metaapo_nemo.plots import plot_run
 
                 plot_run(self.metrics.read(), self.out / "plots.png")
-            _print_summary(summary)
+                _print_summary(summary)
+            barrier()  # the local reward server stops only when every rank is done with it
             return summary
         finally:
             if self.reward_server is not None:
                 self.reward_server.stop()
-            self.reward.close()
+            if hasattr(self, "reward"):
+                self.reward.close()
 
     def _iteration(self, t: int) -> None:
         c, s, strategy = self.config, self.state, self.strategy
@@ -254,6 +262,7 @@ class MetaAPORun:
         u = uniform_draws(c.seed, t, [e.prompt_id for e in examples])
         selected = select_for_sampling(strategy, w, u, score_off, loss_off, c.algo.threshold).tolist()
         chosen_idx = [i for i, sel in enumerate(selected) if sel]
+        self.metrics.write("decisions", s.step, t + 1, annotated=[examples[i].prompt_id for i in chosen_idx])
         s.considered += n
         s.annotated += len(chosen_idx)
         self.console.log(f"  sampling decision: {len(chosen_idx)}/{n} prompts get online samples"
@@ -296,18 +305,43 @@ class MetaAPORun:
         return self.reference.score(sequences)
 
     def _online_pairs(self, t: int, chosen: list[Example]) -> None:
+        """Refit, generate K responses, annotate, build pairs. Each rank takes every world_size-th
+        selected prompt; the pairs are then gathered so every rank trains on the same set."""
+        c, s = self.config, self.state
+        self.engine.refit(self.policy.hf_state_dict())
+        mine = chosen[world_rank()::world_size()]
+        local = self._sample_and_annotate(t, mine) if mine else {"pairs": {}, "ties": 0, "rewards": [], "gaps": [],
+                                                                 "tokens": 0, "sampling": 0.0, "annotation": 0.0}
+        parts = all_gather_objects(local)
+        pairs = {pid: pair for part in parts for pid, pair in part["pairs"].items()}
+        for e in chosen:
+            e.online = pairs.get(e.prompt_id)
+        ties = sum(p["ties"] for p in parts)
+        rewards = [r for p in parts for r in p["rewards"]]
+        gaps = [g for p in parts for g in p["gaps"]]
+        tokens = sum(p["tokens"] for p in parts)
+        sampling = max(p["sampling"] for p in parts)  # ranks sample in parallel: wall time is the slowest
+        s.seconds["sampling"] += sampling
+        s.seconds["annotation"] += max(p["annotation"] for p in parts)
+        s.generated_tokens += tokens
+        s.ties += ties
+        s.online_pairs += len(pairs)
+        self.console.log(f"  generated {len(chosen)} x {c.algo.num_samples} responses, "
+                         f"{tokens / max(sampling, 1e-9):.0f} new tokens/s; {len(pairs)} online pairs, {ties} ties")
+        self.metrics.write("annotation", s.step, t + 1, samples=len(rewards), sample_reward_mean=sum(rewards) / max(1, len(rewards)),
+                           ties=ties, online_pairs=len(pairs), reward_gap_mean=sum(gaps) / max(1, len(gaps)),
+                           sampling_seconds=sampling, generation_tokens_per_s=tokens / max(sampling, 1e-9))
+
+    def _sample_and_annotate(self, t: int, chosen: list[Example]) -> dict:
         from metaapo_nemo.rollout.engine import SamplingParams
 
-        c, s = self.config, self.state
+        c = self.config
         started = time.perf_counter()
-        self.engine.refit(self.policy.hf_state_dict())
         params = SamplingParams(num_samples=c.algo.num_samples, temperature=c.rollout.temperature, top_p=c.rollout.top_p,
-                                max_new_tokens=c.rollout.max_new_tokens, seed=_derive_seed(c.seed, t, 1))
-        samples = self.engine.generate([e.prompt for e in chosen], params)
-        s.generated_tokens += self.engine.stats.new_tokens
-        s.seconds["sampling"] += time.perf_counter() - started
-        self.console.log(f"  generated {len(chosen)} x {c.algo.num_samples} responses, "
-                         f"{self.engine.stats.tokens_per_second:.0f} new tokens/s")
+                                max_new_tokens=c.rollout.max_new_tokens)
+        seeds = sample_seeds(c.seed, 1 + t, [e.prompt_id for e in chosen])
+        samples = self.engine.generate([e.prompt for e in chosen], params, prompt_seeds=seeds)
+        sampling, tokens = time.perf_counter() - started, self.engine.stats.new_tokens
 
         started = time.perf_counter()
         texts = [[self.tokenizer.decode(r, skip_special_tokens=True) for r in rs] for rs in samples]
@@ -317,32 +351,27 @@ class MetaAPORun:
             prompts += [e.prompt_text for e in chosen for _ in range(2)]
             flat += [x for e in chosen for x in (e.chosen_text, e.rejected_text)]
         rewards = self.reward.score(prompts, flat)
-        s.seconds["annotation"] += time.perf_counter() - started
+        annotation = time.perf_counter() - started
 
-        k, ties, gaps = c.algo.num_samples, 0, []
-        by_text = {}
+        k, ties, gaps, pairs = c.algo.num_samples, 0, [], {}
         for j, (e, rs, ids) in enumerate(zip(chosen, texts, samples)):
             rw = rewards[j * k:(j + 1) * k]
+            by_text = dict(zip(rs, ids))
             if self.strategy.pairs == "selm":
                 off_rw = rewards[len(chosen) * k + 2 * j: len(chosen) * k + 2 * j + 2]
                 pair = build_selm_pair(rs, rw, e.chosen_text, e.rejected_text, off_rw[0], off_rw[1])
-                by_text = {**dict(zip(rs, ids)), e.chosen_text: e.chosen, e.rejected_text: e.rejected}
+                by_text.update({e.chosen_text: e.chosen, e.rejected_text: e.rejected})
             else:
                 pair = build_online_pair(rs, rw, keep_ties=c.algo.keep_ties)
-                by_text = dict(zip(rs, ids))
             if pair is None or len(set(rw)) == 1:
                 ties += 1
             if pair is None:
                 continue
             room = c.policy.max_length - len(e.prompt)
-            e.online = (by_text[pair[0]][:room], by_text[pair[1]][:room])
+            pairs[e.prompt_id] = (by_text[pair[0]][:room], by_text[pair[1]][:room])
             gaps.append(pair[2] - pair[3])
-        s.ties += ties
-        s.online_pairs += len(gaps)
-        mean_reward = sum(rewards[:len(chosen) * k]) / max(1, len(chosen) * k)
-        self.metrics.write("annotation", s.step, t + 1, samples=len(chosen) * k, sample_reward_mean=mean_reward,
-                           ties=ties, online_pairs=len(gaps), reward_gap_mean=sum(gaps) / max(1, len(gaps)),
-                           sampling_seconds=self.engine.stats.seconds, generation_tokens_per_s=self.engine.stats.tokens_per_second)
+        return {"pairs": pairs, "ties": ties, "rewards": rewards[:len(chosen) * k], "gaps": gaps, "tokens": tokens,
+                "sampling": sampling, "annotation": annotation}
 
     def _train(self, t, examples, items, ref_off, ref_on, n_online) -> None:
         from metaapo_nemo.data.batching import collate
@@ -362,20 +391,22 @@ class MetaAPORun:
             logp = ref[0]
             return logp[idx], logp[[i + half for i in idx]]
 
-        def loss_fn(batch: list[TrainItem], forward):
+        def make_batch(batch: list[TrainItem]):
             off_idx = [it.example for it in batch]
-            on_items = [k for k, it in enumerate(batch) if it.on_slot is not None]
+            online = [examples[it.example] for it in batch if it.on_slot is not None]
             seqs = []
             if needs_offline:
                 seqs += [(examples[i].prompt, examples[i].chosen) for i in off_idx]
                 seqs += [(examples[i].prompt, examples[i].rejected) for i in off_idx]
-            seqs += [(examples[batch[k].example].prompt, examples[batch[k].example].online[0]) for k in on_items]
-            seqs += [(examples[batch[k].example].prompt, examples[batch[k].example].online[1]) for k in on_items]
-            logp, ntok = forward(collate(seqs, pad))
+            seqs += [(e.prompt, e.online[0]) for e in online] + [(e.prompt, e.online[1]) for e in online]
+            return collate(seqs, pad)
+
+        def loss_fn(batch: list[TrainItem], logp, ntok):
+            on_items = [k for k, it in enumerate(batch) if it.on_slot is not None]
             b, m = len(batch), len(on_items)
             zeros = torch.zeros(b)
             if needs_offline:
-                rc, rr = slice_ref(ref_off, off_idx, n)
+                rc, rr = slice_ref(ref_off, [it.example for it in batch], n)
                 off = PairLogps(logp[:b], logp[b:2 * b], rc, rr, ntok[:b], ntok[b:2 * b])
                 loss_off, score_off = obj.loss(off), obj.score(off).detach()
                 logp, ntok = logp[2 * b:], ntok[2 * b:]
@@ -383,17 +414,17 @@ class MetaAPORun:
                 loss_off, score_off = zeros, zeros
             loss_on, score_on = zeros.clone(), zeros.clone()
             if m:
-                slots = [batch[k].on_slot for k in on_items]
-                rc, rr = slice_ref(ref_on, slots, n_online)
+                rc, rr = slice_ref(ref_on, [batch[k].on_slot for k in on_items], n_online)
                 on = PairLogps(logp[:m], logp[m:2 * m], rc, rr, ntok[:m], ntok[m:2 * m])
                 loss_on = loss_on.index_put((torch.tensor(on_items),), obj.loss(on))
                 score_on[on_items] = obj.score(on).detach()
+            # Eq. 5: w from the CURRENT policy's offline score, recomputed here under no_grad.
             w_off, w_on = loss_weights(strategy, self.meta, score_off)
             offline_only = torch.tensor([it.offline_only for it in batch])
             w_off = torch.where(offline_only, torch.ones_like(w_off), w_off)
             w_on = torch.where(offline_only, torch.zeros_like(w_on), w_on)
             loss = meta_weighted_loss(w_off, w_on, loss_off, loss_on) * b
-            if needs_offline and m:
+            if needs_offline and m and is_loss_rank():
                 self.meta_buffer.add(score_off[on_items], loss_off.detach()[on_items], loss_on.detach()[on_items])
             stats = dict(loss=float(loss), n=b, n_online=m, loss_offline=float(loss_off.detach().sum()),
                          loss_online=float(loss_on.detach().sum()), meta_weight=float(w_off.sum()),
@@ -407,44 +438,64 @@ class MetaAPORun:
             for epoch in range(c.trainer.epochs_per_iteration):
                 random.Random(_derive_seed(c.seed, t, 2 + epoch)).shuffle(order)
                 for start in range(0, len(order), gbs):
-                    step_items = [items[i] for i in order[start:start + gbs]]
-                    micro = [step_items[j:j + mbs] for j in range(0, len(step_items), mbs)]
-                    started = time.perf_counter()
-                    st = self.policy.train_step(micro, loss_fn, num_examples=len(step_items))
-                    s.seconds["training"] += time.perf_counter() - started
-                    s.train_tokens += st["tokens"]
+                    st = self.policy.train_step([items[i] for i in order[start:start + gbs]], make_batch, loss_fn, mbs)
+                    s.seconds["training"] += st["seconds"]
+                    s.train_tokens += int(st["tokens"])
                     s.step += 1
                     k, m = st["n"], max(1, st["n_online"])
                     row = dict(loss=st["loss"] / k, loss_offline=st["loss_offline"] / k, loss_online=st["loss_online"] / m,
                                meta_weight_mean=st["meta_weight"] / k, score_offline=st["score_offline"] / k,
                                score_online=st["score_online"] / m, online_gain=(st["score_online"] / m - st["score_offline"] / k),
-                               grad_norm=st["grad_norm"], lr=st["lr"], pairs=k,
-                               tokens_per_s=st["tokens"] / max(1e-9, time.perf_counter() - started))
+                               grad_norm=st["grad_norm"], lr=st["lr"], pairs=k, tokens_per_s=st["tokens"] / st["seconds"])
                     self.metrics.write("train_step", s.step, t + 1, **row)
                     advance(f"loss {row['loss']:.4f} w {row['meta_weight_mean']:.3f}")
-                    if strategy.meta_learner_trained and s.step % c.algo.meta_interval == 0 and len(self.meta_buffer):
-                        started = time.perf_counter()
-                        meta_stats = meta_update(self.meta, self.meta_optimizer, self.meta_buffer)
-                        s.seconds["meta"] += time.perf_counter() - started
-                        s.meta_updates += 1
-                        self.metrics.write("meta_update", s.step, t + 1, **meta_stats)
+                    if strategy.meta_learner_trained and s.step % c.algo.meta_interval == 0:
+                        self._meta_step(t)
+
+    def _meta_step(self, t: int) -> None:
+        """Eq. 6 on rank 0 over the meta buffers of every data-parallel rank, then phi to all ranks."""
+        s = self.state
+        started = time.perf_counter()
+        parts = all_gather_objects(self.meta_buffer.state_dict() if len(self.meta_buffer) else None)
+        self.meta_buffer.clear()
+        if self.rank0:
+            for part in parts:
+                if part is not None:
+                    other = MetaBuffer()
+                    other.load_state_dict(part)
+                    self.meta_buffer.add(*other.tensors())
+        if not any(part is not None for part in parts):
+            return
+        if self.rank0:
+            meta_stats = meta_update(self.meta, self.meta_optimizer, self.meta_buffer)
+            self.metrics.write("meta_update", s.step, t + 1, **meta_stats)
+        broadcast_module(self.meta, src=0)
+        s.meta_updates += 1
+        s.seconds["meta"] += time.perf_counter() - started
 
     def _evaluate(self, iteration: int) -> float:
-        """Mean reward-model score of policy samples on the held-out prompts."""
+        """Mean reward-model score of policy samples on the held-out prompts (split over ranks)."""
         from metaapo_nemo.rollout.engine import SamplingParams
 
         c, s = self.config, self.state
         started = time.perf_counter()
         self.engine.refit(self.policy.hf_state_dict())
-        params = SamplingParams(num_samples=c.rollout.eval_samples, temperature=c.rollout.eval_temperature,
-                                top_p=c.rollout.top_p, max_new_tokens=c.rollout.max_new_tokens, seed=_derive_seed(c.seed, -1, 0))
-        samples = self.engine.generate(self.eval_ids, params)
-        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for rs in samples for r in rs]
-        prompts = [p for p in self.eval_prompts for _ in range(c.rollout.eval_samples)]
-        rewards = self.reward.score(prompts, texts)
+        mine = list(range(world_rank(), len(self.eval_ids), world_size()))
+        rewards, lengths = [], []
+        if mine:
+            params = SamplingParams(num_samples=c.rollout.eval_samples, temperature=c.rollout.eval_temperature,
+                                    top_p=c.rollout.top_p, max_new_tokens=c.rollout.max_new_tokens)
+            samples = self.engine.generate([self.eval_ids[i] for i in mine], params,
+                                           prompt_seeds=sample_seeds(c.seed, 0, mine))
+            texts = [self.tokenizer.decode(r, skip_special_tokens=True) for rs in samples for r in rs]
+            prompts = [self.eval_prompts[i] for i in mine for _ in range(c.rollout.eval_samples)]
+            rewards = self.reward.score(prompts, texts)
+            lengths = [len(r) for rs in samples for r in rs]
+        parts = all_gather_objects((rewards, lengths))
+        rewards = [r for part in parts for r in part[0]]
+        lengths = [n for part in parts for n in part[1]]
         s.seconds["evaluation"] += time.perf_counter() - started
         reward = sum(rewards) / len(rewards)
-        lengths = [len(r) for rs in samples for r in rs]
         self.metrics.write("eval", s.step, iteration, reward=reward, response_tokens_mean=sum(lengths) / len(lengths))
         return reward
 
@@ -479,48 +530,56 @@ class MetaAPORun:
         return self.out / "checkpoints"
 
     def _save_checkpoint(self) -> None:
-        """Written to a temporary name and renamed: a crash never leaves half a checkpoint."""
-        if not self.rank0:
-            return
-        s = self.state
-        state = {
+        """checkpoints/iter_N/: rank_R.pt per rank (its model shard, optimizer, meta buffer, RNG) and
+        common.pt (meta-learner, its optimizer, counters) from rank 0. Files are written under a
+        temporary name and renamed, and `latest` moves only when every rank has written: a crash
+        never leaves half a checkpoint in use."""
+        s, directory = self.state, self._checkpoint_dir() / f"iter_{self.state.iteration}"
+        directory.mkdir(parents=True, exist_ok=True)
+        rank_state = {
             "policy": self.policy.state_dict(),
             "reference": self.reference.state_dict() if (self.reference is not None and self.config.reference.roll_forward) else None,
-            "meta": self.meta.state_dict(), "meta_optimizer": self.meta_optimizer.state_dict(),
-            "meta_buffer": self.meta_buffer.state_dict(), "run_state": s.__dict__,
+            "meta_buffer": self.meta_buffer.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         }
-        directory = self._checkpoint_dir()
-        directory.mkdir(exist_ok=True)
-        tmp = directory / f".iter_{s.iteration}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, directory / f"iter_{s.iteration}.pt")
-        _atomic_write(directory / "latest", f"iter_{s.iteration}.pt")
-        for old in directory.glob("iter_*.pt"):
-            if old.name != f"iter_{s.iteration}.pt":
-                old.unlink()
-        _atomic_write(self.out / "summary.json", json.dumps(self._summary(finished=False), indent=2))
+        _atomic_save(rank_state, directory / f"rank_{world_rank()}.pt")
+        if self.rank0:
+            _atomic_save({"meta": self.meta.state_dict(), "meta_optimizer": self.meta_optimizer.state_dict(),
+                          "run_state": s.__dict__, "world_size": world_size()}, directory / "common.pt")
+        barrier()
+        if self.rank0:
+            _atomic_write(self._checkpoint_dir() / "latest", directory.name)
+            for old in self._checkpoint_dir().glob("iter_*"):
+                if old.name != directory.name:
+                    shutil.rmtree(old)
+            _atomic_write(self.out / "summary.json", json.dumps(self._summary(finished=False), indent=2))
+        barrier()
 
     def _load_checkpoint(self) -> bool:
         latest = self._checkpoint_dir() / "latest"
         if not latest.exists():
             return False
-        state = torch.load(self._checkpoint_dir() / latest.read_text().strip(), weights_only=False)
+        directory = self._checkpoint_dir() / latest.read_text().strip()
+        common = torch.load(directory / "common.pt", weights_only=False)
+        if common["world_size"] != world_size():
+            raise RuntimeError(f"{directory} was written by {common['world_size']} ranks but this run has {world_size()}; "
+                               "resume with the same number of ranks and parallel sizes, or use a new output_dir")
+        state = torch.load(directory / f"rank_{world_rank()}.pt", weights_only=False)
         self.policy.load_state_dict(state["policy"])
         if state["reference"] is not None and self.reference is not None:
             self.reference.load_state_dict(state["reference"])
-        self.meta.load_state_dict(state["meta"])
-        self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        self.meta.load_state_dict(common["meta"])
+        self.meta_optimizer.load_state_dict(common["meta_optimizer"])
         self.meta_buffer.load_state_dict(state["meta_buffer"])
         prepare = self.state.seconds["prepare"]
-        self.state = RunState(**state["run_state"])
+        self.state = RunState(**common["run_state"])
         self.state.seconds["total_before_resume"] = self.state.seconds.get("total_before_resume", 0.0) + \
             sum(v for k, v in self.state.seconds.items() if k not in ("total_before_resume", "prepare"))
         self.state.seconds["prepare"] += prepare
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         self.metrics.truncate_after(self.state.iteration)
-        self.console.log(f"resumed from {self._checkpoint_dir()} after iteration {self.state.iteration}")
+        self.console.log(f"resumed from {directory} after iteration {self.state.iteration}")
         return True
 
 
@@ -552,6 +611,12 @@ def _reward_urls(url) -> list[str]:
         else:
             url = [u.strip() for u in text.split(",") if u.strip()]
     return [str(u) for u in url]
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def _atomic_write(path: Path, text: str) -> None:

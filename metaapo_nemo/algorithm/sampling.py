@@ -47,3 +47,13 @@ def uniform_draws(seed: int, iteration: int, sample_ids: Sequence[int | str]) ->
         np.random.default_rng([seed, iteration, *_id_entropy(sample_id)]).random() for sample_id in sample_ids
     ]
     return torch.tensor(draws, dtype=torch.float64)
+
+
+def sample_seeds(seed: int, stream: int, sample_ids: Sequence[int | str]) -> list[int]:
+    """One 63-bit generator seed per sample id, from (seed, stream, id) only: the rollout engine
+    seeds each prompt's K samples with it, so the samples, like the decisions, do not depend on
+    the batch or the rank a prompt lands on. `stream` separates uses (e.g. iteration, evaluation)."""
+    if seed < 0 or stream < 0:
+        raise ValueError(f"seed and stream must be >= 0, got seed={seed}, stream={stream}")
+    return [int(np.random.default_rng([seed, stream, *_id_entropy(sample_id)]).integers(2**63 - 1))
+            for sample_id in sample_ids]

@@ -11,10 +11,17 @@ import nemo_run as run
 
 from metaapo_nemo import config as C
 from metaapo_nemo import recipes
+from metaapo_nemo.launch import executors  # registers run.executor=local_torchrun / slurm
 
 
+@dataclasses.dataclass(kw_only=True)
 class RecipeRunContext(run.cli.RunContext):
-    """NeMo-Run's RunContext with `--recipe NAME` / `--recipe=NAME` mapped onto `--factory`."""
+    """NeMo-Run's RunContext with `--recipe NAME` / `--recipe=NAME` mapped onto `--factory`, and a
+    reward-server het group for Slurm (`run.reward_nodes=K`, launch/slurm.py)."""
+
+    reward_nodes: int = 0  # with run.executor=slurm: nodes serving reward.model_dir / reward.reward_fn
+    reward_gpus_per_node: int = 1
+    reward_port: int = 5000
 
     def cli_execute(self, fn, args, entrypoint_type="task"):
         args = list(args)
@@ -33,6 +40,15 @@ class RecipeRunContext(run.cli.RunContext):
             raise run.cli.api.RunContextError(
                 f"unknown recipe {self.factory!r}; available: {', '.join(sorted(recipes.RECIPES))}")
         return super().cli_execute(fn, args, entrypoint_type)
+
+    def _execute_task(self, fn, task_args):
+        # No executor: NeMo-Run runs the task in this process, as before. With one, launch.executors
+        # builds the experiment (a het job when reward_nodes is set) and --dryrun prints its scripts.
+        if self.executor is None or self.repl or any([self.to_yaml, self.to_toml, self.to_json]):
+            if self.reward_nodes:
+                raise run.cli.api.RunContextError("run.reward_nodes needs run.executor=slurm")
+            return super()._execute_task(fn, task_args)
+        executors.launch(self, self.parse_fn(fn, task_args))
 
 
 def metaapo(

@@ -1,8 +1,15 @@
 """The policy and the frozen reference: a megatron-core GPT model behind the three things
 Algorithm 1 asks of it: score sequences, take an optimiser step on a loss, hand its weights over.
 
-Training goes through Megatron's forward-backward schedule (`get_forward_backward_func`), so the
-same step runs with pipeline stages when the model is split.
+Parallelism is Megatron's: this rank holds its pipeline stage (pre_process / post_process) and its
+tensor shard; every forward runs through `get_forward_backward_func()` (1F1B across stages,
+variable sequence lengths); gradients are reduced over data-parallel ranks by Megatron's
+DistributedDataParallel and stepped by the Megatron optimizer (grad clipping across
+model-parallel ranks). A single CPU process is the case TP = PP = DP = 1 of the same code.
+
+Where ranks talk: the schedule's p2p between stages; DDP's all-reduce in finalize_model_grads;
+`score` broadcasts log-probs from the last stage (all-reduce over WORLD, one writer per pair);
+`train_step` gathers the loss statistics from the loss-computing ranks (all_gather_object).
 """
 from __future__ import annotations
 
@@ -13,13 +20,19 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from metaapo_nemo.data.batching import SequenceBatch, collate
+from metaapo_nemo.distributed import all_gather_objects, data_parallel_rank, data_parallel_size, is_loss_rank
 from metaapo_nemo.models.config import ModelConfig
 from metaapo_nemo.models.gpt import build_gpt_model
 from metaapo_nemo.models.hf_convert import export_hf_state_dict, load_hf_into_model
-from metaapo_nemo.models.logprobs import sequence_logprobs
+from metaapo_nemo.models.logprobs import decoder_hidden_states, response_logprobs
 
 Sequences = Sequence[tuple[list[int], list[int]]]  # (prompt ids, response ids)
 
@@ -29,7 +42,7 @@ class OptimConfig:
     lr: float
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
-    clip_grad: float = 1.0
+    clip_grad: float = 1.0  # 0 disables
     warmup_steps: int = 0
     total_steps: int = 0  # > 0: cosine decay to min_lr_ratio * lr at this step; 0: constant after warm-up
     min_lr_ratio: float = 0.0
@@ -38,87 +51,124 @@ class OptimConfig:
 class MegatronPolicy:
     def __init__(self, cfg: ModelConfig, hf_state_dict, *, pad_id: int, optim: OptimConfig | None = None,
                  bf16: bool = False):
-        self.cfg, self.pad_id, self.bf16 = cfg, pad_id, bf16
-        self.model = build_gpt_model(cfg)
+        self.cfg, self.pad_id, self.bf16, self.optim = cfg, pad_id, bf16, optim
+        self.model = build_gpt_model(cfg, pre_process=ps.is_pipeline_first_stage(),
+                                     post_process=ps.is_pipeline_last_stage())
+        self.model.config.variable_seq_lengths = True  # micro-batches differ in length: stages exchange shapes
         if hf_state_dict is not None:  # None: megatron's own random initialisation
             load_hf_into_model(self.model, cfg, hf_state_dict)
-        self.optim = optim
+        self.steps_since_reset = 0
         if optim is None:  # the frozen reference
             self.model.eval()
             self.model.requires_grad_(False)
-            self.optimizer = None
-        else:
-            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.lr, betas=optim.betas,
-                                               weight_decay=optim.weight_decay)
-        self.steps_since_reset = 0
-        self.tokens_trained = 0
-        self.train_seconds = 0.0
+            self.ddp = self.optimizer = None
+            return
+        self.ddp = DistributedDataParallel(self.model.config, DistributedDataParallelConfig(), self.model)
+        self.model.config.finalize_model_grads_func = finalize_model_grads
+        self.optimizer = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=optim.lr, weight_decay=optim.weight_decay, adam_beta1=optim.betas[0],
+            adam_beta2=optim.betas[1], clip_grad=optim.clip_grad), [self.ddp])
 
     def _autocast(self):
         return torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
+    def _stage_forward(self, model, batch: SequenceBatch):
+        """This stage's part of log pi(y|x): hidden states to pass on, or (logp_sum, ntok) on the last stage."""
+        with self._autocast():
+            hidden = decoder_hidden_states(model, batch.tokens)
+            if not ps.is_pipeline_last_stage():
+                return hidden, None
+            logp, ntok = response_logprobs(model, hidden, batch.tokens, batch.prompt_lens, batch.lengths)
+        return logp.float(), ntok
+
     @torch.no_grad()
     def score(self, sequences: Sequences, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sequence log-prob sums and response token counts, [N] each, in the order given.
+        """Sequence log-prob sums and response token counts, [N] each, in the order given, on every rank.
 
-        Sequences are sorted by length so each batch pads little; no attention mask is ever built.
+        Each data-parallel rank scores its share; sequences are sorted by length so batches pad
+        little; no attention mask is ever built.
         """
         self.model.eval()
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
-        logps = torch.zeros(len(sequences), dtype=torch.float32)
-        ntoks = torch.zeros(len(sequences), dtype=torch.long)
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            batch = collate([sequences[i] for i in idx], self.pad_id)
-            with self._autocast():
-                logp, ntok = sequence_logprobs(self.model, batch.tokens, batch.prompt_lens, batch.lengths)
-            logps[idx] = logp.float()
-            ntoks[idx] = ntok
-        return logps, ntoks
-
-    def train_step(self, micro_batches: list, loss_fn: Callable, num_examples: int) -> dict:
-        """One optimiser step over `micro_batches` (any objects `loss_fn` understands).
-
-        loss_fn(micro_batch, forward) -> (loss_sum, stats): `forward(batch)` runs the policy on a
-        SequenceBatch and returns (log-prob sums, token counts) with grad. loss_sum is summed over the
-        micro-batch's examples; the step minimises the mean over all `num_examples` of the step.
-        Returns the per-micro-batch stats dicts merged by summation, plus grad_norm and lr.
-        """
-        assert self.optimizer is not None, "the reference model is frozen"
-        self.model.train()
-        started = time.perf_counter()
-        n_micro = len(micro_batches)
-        stats_total: dict[str, float] = {}
-        tokens = 0
-
-        def forward(batch: SequenceBatch):
-            nonlocal tokens
-            tokens += int(batch.lengths.sum())
-            with self._autocast():
-                logp, ntok = sequence_logprobs(self.model, batch.tokens, batch.prompt_lens, batch.lengths)
-            return logp.float(), ntok
+        mine = list(range(data_parallel_rank(), len(sequences), data_parallel_size()))
+        mine.sort(key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
+        chunks = [mine[s:s + batch_size] for s in range(0, len(mine), batch_size)]
+        logps = torch.zeros(len(sequences), dtype=torch.float64)
+        ntoks = torch.zeros(len(sequences), dtype=torch.float64)
 
         def forward_step(data_iterator, model):
-            micro = next(data_iterator)
-            loss_sum, stats = loss_fn(micro, forward)
-            for k, v in stats.items():
-                stats_total[k] = stats_total.get(k, 0.0) + float(v)
-            # The schedule divides each micro-batch loss by the number of micro-batches; undo that so
-            # the gradient is that of the plain mean over the step's examples.
-            scaled = loss_sum * (n_micro / num_examples)
-            return scaled, lambda output: (output, {})
+            idx = next(data_iterator)
+            out, ntok = self._stage_forward(model, collate([sequences[i] for i in idx], self.pad_id))
+            if ntok is None:
+                return out, None
+
+            def collect(logp):
+                if is_loss_rank():  # one writer per pair: the last stage's tensor-parallel rank 0
+                    logps[idx] = logp.double()
+                    ntoks[idx] = ntok.double()
+                return logp.sum() * 0, {}
+            return out, collect
+
+        if chunks:
+            get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(chunks), model=[self.model],
+                                        num_microbatches=len(chunks), seq_length=1, micro_batch_size=1,
+                                        forward_only=True)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            both = torch.stack([logps, ntoks])
+            dist.all_reduce(both)  # every pair was written by exactly one rank
+            logps, ntoks = both[0], both[1]
+        return logps.float(), ntoks.long()
+
+    def train_step(self, items: list, make_batch: Callable, loss_fn: Callable, micro_batch_size: int) -> dict:
+        """One optimiser step that minimises the mean of `loss_fn` over `items` (the whole step).
+
+        Data-parallel rank r takes items[r::DP]; make_batch(micro_items) -> SequenceBatch;
+        loss_fn(micro_items, logp_sum, num_tokens) -> (loss summed over micro_items, stats dict of
+        sums). Returns the stats summed over all data-parallel ranks, with grad_norm, lr, tokens.
+        """
+        assert self.optimizer is not None, "the reference model is frozen"
+        started = time.perf_counter()
+        self.model.train()
+        dp = data_parallel_size()
+        local = items[data_parallel_rank()::dp]
+        weight = 1.0
+        if not local:  # this rank still joins the gradient all-reduce, with a zero loss
+            local, weight = items[:1], 0.0
+        micro = [local[j:j + micro_batch_size] for j in range(0, len(local), micro_batch_size)]
+        # The schedule divides each micro-batch loss by len(micro) and DDP averages over DP ranks;
+        # this factor turns the result into the plain mean over the step's items.
+        scale = weight * len(micro) * dp / len(items)
+        stats: dict[str, float] = {}
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            batch = make_batch(mb)
+            out, ntok = self._stage_forward(model, batch)
+            if ntok is None:
+                return out, None
+
+            def loss(logp):
+                loss_sum, mb_stats = loss_fn(mb, logp, ntok)
+                if is_loss_rank() and weight:
+                    mb_stats["tokens"] = float(batch.lengths.sum())
+                    for k, v in mb_stats.items():
+                        stats[k] = stats.get(k, 0.0) + float(v)
+                return loss_sum * scale, {}
+            return out, loss
 
         self._set_lr()
-        self.optimizer.zero_grad(set_to_none=True)
-        get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(micro_batches), model=self.model,
-            num_microbatches=n_micro, seq_length=1, micro_batch_size=1, forward_only=False)
-        grad_norm = self._clip()
-        self.optimizer.step()
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(micro), model=[self.ddp],
+                                    num_microbatches=len(micro), seq_length=1, micro_batch_size=1, forward_only=False)
+        _, grad_norm, _ = self.optimizer.step()
         self.steps_since_reset += 1
-        self.tokens_trained += tokens
-        self.train_seconds += time.perf_counter() - started
-        return {**stats_total, "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"], "tokens": tokens}
+        total: dict[str, float] = {}
+        for part in all_gather_objects(stats):
+            for k, v in part.items():
+                total[k] = total.get(k, 0.0) + v
+        total.update(grad_norm=float(grad_norm or 0.0), lr=self.optimizer.param_groups[0]["lr"],
+                     seconds=time.perf_counter() - started)
+        return total
 
     def _set_lr(self) -> None:
         step, warm, total = self.steps_since_reset, self.optim.warmup_steps, self.optim.total_steps
@@ -133,23 +183,20 @@ class MegatronPolicy:
         for group in self.optimizer.param_groups:
             group["lr"] = self.optim.lr * scale
 
-    def _clip(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.optim.clip_grad if self.optim.clip_grad > 0 else float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-
     def reset_schedule(self) -> None:
         """Restart the learning-rate warm-up (each iteration trains on a new slice)."""
         self.steps_since_reset = 0
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """The complete weights under Hugging Face names: what the rollout engine is refit from."""
+        """The complete weights under Hugging Face names on every rank (stages and shards gathered):
+        what the rollout engine is refit from. Collective: every rank must call it."""
         return export_hf_state_dict(self.model, self.cfg)
 
     def load_hf_state_dict(self, hf_state_dict) -> None:
         load_hf_into_model(self.model, self.cfg, hf_state_dict)
 
     def state_dict(self) -> dict:
+        """This rank's shard of the model and its optimizer state (checkpoints are per rank)."""
         return {"model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict() if self.optimizer else None,
                 "steps_since_reset": self.steps_since_reset}

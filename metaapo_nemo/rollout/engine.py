@@ -59,6 +59,8 @@ class RolloutEngine(Protocol):
     def refit(self, hf_state_dict: Mapping[str, Tensor]) -> None:
         """Load the policy's current weights (Hugging Face names) into the engine."""
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[list[int]]]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, prompt_seeds: list[int] | None = None
+    ) -> list[list[list[int]]]:
         """Responses as [prompt][sample] -> token ids; a response ends with eos when eos was
         generated and is cut at params.max_new_tokens otherwise."""

@@ -62,14 +62,16 @@ def nucleus(probs: Tensor, top_p: float) -> Tensor:
     return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
 
 
-def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> Tensor:
-    """One next token per row of float32 logits [rows, vocab]."""
+def sample(logits: Tensor, params: SamplingParams, generators: list[torch.Generator], rows_per_generator: int) -> Tensor:
+    """One next token per row of float32 logits [rows, vocab]; consecutive blocks of
+    `rows_per_generator` rows draw from their own generator (one generator: all rows)."""
     if params.greedy:
         return logits.argmax(-1)
     probs = (logits / params.temperature).softmax(-1)
     if params.top_p < 1.0:
         probs = nucleus(probs, params.top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    blocks = probs.split(rows_per_generator)
+    return torch.cat([torch.multinomial(b, 1, generator=g) for b, g in zip(blocks, generators)]).squeeze(1)
 
 
 def cascade_attention(
@@ -288,9 +290,11 @@ class TorchEngine:
         return F.linear(rms_norm(x, self._final_norm, cfg.norm_epsilon), self._lm_head).float()
 
     def _generate_batch(
-        self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator
+        self, prompts: list[list[int]], params: SamplingParams, generators: list[torch.Generator] | None,
+        generator: torch.Generator,
     ) -> list[list[int]]:
-        """Responses for a batch of prompts, as rows ordered prompt-major (K rows per prompt)."""
+        """Responses for a batch of prompts, as rows ordered prompt-major (K rows per prompt).
+        With `generators` (one per prompt) each prompt's K rows draw from its own generator."""
         k, steps = params.num_samples, params.max_new_tokens
         tokens, lengths = right_pad(prompts, self.pad_token_id)
         hidden, prompt_cache = self._prefill(tokens, lengths)
@@ -311,8 +315,9 @@ class TorchEngine:
         row_ids = torch.arange(rows)  # original row of each row still decoding
         positions = lengths.repeat_interleave(k)
         done = torch.zeros(rows, dtype=torch.bool)
+        active = generators  # the generators of the prompts still decoding, in row order
         for step in range(steps):
-            token = sample(logits, params, generator)
+            token = sample(logits, params, active, k) if active else sample(logits, params, [generator], rows)
             out[row_ids, step] = token
             finished = (token == self.eos_token_id) & ~done
             out_len[row_ids[finished]] = step + 1
@@ -329,6 +334,9 @@ class TorchEngine:
                 own_cache = [(ok[keep_rows], ov[keep_rows]) for ok, ov in own_cache]
                 token, positions = token[keep_rows], positions[keep_rows]
                 row_ids, done = row_ids[keep_rows], done[keep_rows]
+                rows = int(keep_rows.sum())
+                if active:
+                    active = [g for g, kept in zip(active, keep.tolist()) if kept]
             logits = self._decode(token, positions, step, prompt_cache, prompt_bias, own_cache)
             positions = positions + 1
         return [row[:n] for row, n in zip(out.tolist(), out_len.tolist())]
@@ -350,10 +358,14 @@ class TorchEngine:
                 )
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[list[int]]]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, prompt_seeds: list[int] | None = None
+    ) -> list[list[list[int]]]:
         """Responses as [prompt][sample] -> token ids; a response ends with eos when eos was
         generated and is cut at params.max_new_tokens otherwise. Prompts are batched by length;
-        the result is in the caller's order and depends only on the prompts, weights and params."""
+        the result is in the caller's order and depends only on the prompts, weights and params.
+        With `prompt_seeds`, each prompt's samples come from a generator seeded by its own seed,
+        so they do not depend on which other prompts share the call (or the rank)."""
         if not self._refitted:
             raise RuntimeError("the engine has no weights yet: call refit(policy_state_dict) first")
         if params.num_samples > self.max_batch_size:
@@ -362,13 +374,17 @@ class TorchEngine:
             )
         self._check_prompts(prompts, params.max_new_tokens)
         start = time.perf_counter()
+        if prompt_seeds is not None and len(prompt_seeds) != len(prompts):
+            raise ValueError(f"got {len(prompt_seeds)} prompt_seeds for {len(prompts)} prompts; give one per prompt")
         generator = torch.Generator().manual_seed(params.seed)
         by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         per_batch = self.max_batch_size // params.num_samples
         results: list[list[list[int]]] = [[] for _ in prompts]
         for first in range(0, len(prompts), per_batch):
             batch = by_length[first : first + per_batch]
-            responses = self._generate_batch([prompts[i] for i in batch], params, generator)
+            generators = None if prompt_seeds is None else [
+                torch.Generator().manual_seed(prompt_seeds[i]) for i in batch]
+            responses = self._generate_batch([prompts[i] for i in batch], params, generators, generator)
             for j, i in enumerate(batch):
                 results[i] = responses[j * params.num_samples : (j + 1) * params.num_samples]
         self.stats = GenerationStats(

@@ -45,12 +45,11 @@ def test_engine_greedy_equals_policy_greedy_after_refit_and_after_training():
     # A few optimiser steps pushing up the likelihood of one continuation change the greedy output.
     target = [(PROMPTS[0], [17, 18, 19, EOS])]
 
-    def nll(batch, forward):
-        logp, _ = forward(batch)
+    def nll(seqs, logp, ntok):
         return -logp.sum(), {}
 
     for _ in range(30):
-        policy.train_step([collate(target, PAD)], nll, num_examples=1)
+        policy.train_step(target, lambda seqs: collate(seqs, PAD), nll, micro_batch_size=1)
     trained = _policy_greedy(policy)
     assert trained[0][:4] == [17, 18, 19, EOS]
     assert _engine_greedy(engine) == before  # stale until refit

@@ -239,3 +239,20 @@ def test_generate_rejects_bad_calls_with_what_to_fix():
         engine.generate(PROMPTS, SamplingParams(num_samples=8))
     with pytest.raises(ValueError, match="eos_token_id 50 is outside the vocabulary"):
         TorchEngine(LLAMA, eos_token_id=50, pad_token_id=PAD)
+
+
+def test_prompt_seeds_make_each_prompts_samples_independent_of_the_other_prompts_in_the_call():
+    cfg = LLAMA
+    engine = engine_for(cfg, hf_model(cfg, seed=0), eos=1, max_batch_size=16)
+    params = SamplingParams(num_samples=4, max_new_tokens=10, seed=0)
+    seeds = [11, 22, 33, 44]
+    together = engine.generate(PROMPTS[:4], params, prompt_seeds=seeds)
+    # Another order, another split into calls (as over two ranks), another engine batch size.
+    reordered = engine.generate([PROMPTS[3], PROMPTS[1]], params, prompt_seeds=[44, 22])
+    alone = engine.generate([PROMPTS[2]], params, prompt_seeds=[33])
+    small = engine_for(cfg, hf_model(cfg, seed=0), eos=1, max_batch_size=4)
+    one_per_batch = small.generate(PROMPTS[:4], params, prompt_seeds=seeds)
+    assert reordered == [together[3], together[1]]
+    assert alone == [together[2]]
+    assert one_per_batch == together
+    assert engine.generate(PROMPTS[:4], params, prompt_seeds=[12, 22, 33, 44])[0] != together[0]

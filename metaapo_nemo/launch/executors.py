@@ -1,0 +1,158 @@
+"""NeMo-Run executors by name for `nemo llm metaapo`, and the launch of a task on one.
+
+`run.executor=local_torchrun run.executor.ntasks_per_node=N`: N ranks on this machine under torchrun.
+`run.executor=slurm run.executor.nodes=M ...`: M nodes, one rank per GPU, in a container (pyxis).
+`run.reward_nodes=K` (with slurm): a het group of K nodes serving the reward model beside the trainer
+(launch/slurm.py). NeMo-Run resolves `run.executor=NAME` among factories registered for its executor
+types, so each factory below is registered under run.LocalExecutor or run.SlurmExecutor. The
+executors are plain NeMo-Run classes: NeMo-Run maps executors to schedulers by exact class, so a
+subclass carrying the reward settings would not launch; they live on the RunContext instead.
+"""
+# No `from __future__ import annotations`: NeMo-Run evaluates a factory's return annotation in its own module.
+import dataclasses
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+import nemo_run as run
+
+from metaapo_nemo import config as C
+from metaapo_nemo.launch import slurm as S
+
+# An NGC release image carrying TensorRT-LLM (tags are x.y.z, e.g. 1.0.0, or x.y.zrcN). It is the
+# base of containers/Dockerfile, not a runnable image for this job: it lacks metaapo-nemo, megatron-core
+# and nemo-run. A real submission with it is refused (check_submission); dry runs show it.
+DEFAULT_CONTAINER_IMAGE = "nvcr.io/nvidia/tensorrt-llm/release:1.0.0"
+GPUS_PER_NODE = 8
+
+
+@run.cli.factory(name="local_torchrun")
+def local_torchrun(ntasks_per_node: int = 2) -> run.Config[run.LocalExecutor]:
+    """N ranks on this machine: torchrun with a local rendezvous, one torch thread per rank."""
+    return run.Config(
+        run.LocalExecutor,
+        ntasks_per_node=ntasks_per_node,
+        launcher="torchrun",
+        # The ranks share this machine's cores: one OpenMP thread each, not one per core each.
+        # PATH: torchrun and python from the environment that runs `nemo`, even when it is not activated.
+        env_vars={"OMP_NUM_THREADS": "1", "PATH": str(Path(sys.executable).parent)},
+    )
+
+
+@run.cli.factory(name="slurm")
+def slurm(
+    account: Optional[str] = None,
+    partition: Optional[str] = None,
+    nodes: int = 1,
+    gpus_per_node: int = GPUS_PER_NODE,
+    time: str = "04:00:00",
+    container_image: str = DEFAULT_CONTAINER_IMAGE,
+    container_mounts: Optional[list[str]] = None,
+    job_dir: str = "",
+    ssh_host: Optional[str] = None,
+    ssh_user: Optional[str] = None,
+) -> run.Config[run.SlurmExecutor]:
+    """Slurm with pyxis containers: `nodes` whole nodes, one torchrun rank per GPU.
+
+    Submits from this machine (`sbatch` on PATH, a login node) unless `ssh_host` is given; job files
+    go under `job_dir` (default ~/.nemo_run/experiments), which must be visible to the compute nodes.
+    The code runs from the image (containers/Dockerfile), so nothing is packaged.
+    """
+    tunnel = (run.Config(run.SSHTunnel, host=ssh_host, user=ssh_user or os.environ.get("USER", ""), job_dir=job_dir)
+              if ssh_host else run.Config(run.LocalTunnel, job_dir=job_dir))
+    return run.Config(
+        run.SlurmExecutor,
+        account=account,
+        partition=partition,
+        job_name_prefix="metaapo-",
+        nodes=nodes,
+        ntasks_per_node=gpus_per_node,
+        gpus_per_node=gpus_per_node,
+        exclusive=True,
+        time=time,
+        container_image=container_image,
+        container_mounts=list(container_mounts or []),
+        launcher="torchrun",
+        packager=run.Config(run.Packager),
+        tunnel=tunnel,
+    )
+
+
+def check_layout(executor: run.Executor, config: C.MetaAPOConfig) -> None:
+    """Raise ConfigError when the executor's ranks cannot hold the trainer's TP x PP layout."""
+    ranks_per_node = executor.ntasks_per_node
+    if isinstance(executor, run.SlurmExecutor) and executor.gpus_per_node and ranks_per_node != executor.gpus_per_node:
+        raise C.ConfigError(
+            f"run.executor.ntasks_per_node={ranks_per_node} but run.executor.gpus_per_node={executor.gpus_per_node}: "
+            "one rank per GPU, so set both to the same number")
+    nodes = executor.nodes if isinstance(executor, run.SlurmExecutor) else executor.nnodes()
+    world = nodes * ranks_per_node
+    tp, pp = config.trainer.tensor_model_parallel_size, config.trainer.pipeline_model_parallel_size
+    if world % (tp * pp):
+        raise C.ConfigError(
+            f"{world} ranks ({nodes} node(s) x {ranks_per_node}) is not a multiple of trainer.tensor_model_parallel_size="
+            f"{tp} x trainer.pipeline_model_parallel_size={pp}; change the node or rank count or the parallel sizes")
+
+
+def check_submission(executor: run.Executor) -> None:
+    """Refuse a real Slurm submission with the bare NGC base image, which cannot run this job."""
+    if isinstance(executor, run.SlurmExecutor) and executor.container_image == DEFAULT_CONTAINER_IMAGE:
+        raise C.ConfigError(
+            f"run.executor.container_image is the NGC base image {DEFAULT_CONTAINER_IMAGE}, which lacks "
+            "metaapo-nemo: build containers/Dockerfile and set run.executor.container_image=<your image or .sqsh> "
+            "(docs/multinode.md)")
+
+
+def rendered_plan(experiment: run.Experiment) -> list[tuple[str, str]]:
+    """(title, text) for each job of a dry-run experiment: the sbatch script, or the local command."""
+    plan = []
+    for job in experiment.jobs:
+        executor = job.executor
+        if isinstance(executor, run.SlurmExecutor):
+            script = Path(executor.experiment_dir, f"{executor.job_name}_sbatch.sh")
+            plan.append((f"sbatch script ({job.id})", script.read_text()))
+        else:
+            # The local scheduler's dry-run request: the exact argv and environment it would start.
+            for role, replicas in job._dryrun_info.request.role_params.items():
+                for replica in replicas:
+                    env = {k: v for k, v in replica.env.items() if k in executor.env_vars and k != "PATH"}
+                    command = " ".join(shlex.quote(a) for a in replica.args)
+                    plan.append((f"local command ({role})", " ".join(f"{k}={v}" for k, v in env.items()) + " " + command))
+    return plan
+
+
+def launch(ctx: run.cli.RunContext, task: run.Partial) -> None:
+    """Run (or, with --dryrun, show) `task` on ctx.executor; with ctx.reward_nodes, as a het Slurm job."""
+    from rich.console import Console
+
+    console = Console()
+    run.dryrun_fn(task, executor=ctx.executor)
+    config = S.config_from_partial(task)
+    reward = None
+    if ctx.reward_nodes:
+        reward = S.RewardGroup(nodes=ctx.reward_nodes, gpus_per_node=ctx.reward_gpus_per_node, port=ctx.reward_port)
+        S.reward_server_args(config.reward, reward.port)  # the group's settings, checked before anything else
+        placeholder = f"http://reward-group:{reward.port}"  # the real host is known once Slurm places the job
+        dataclasses.replace(config, reward=dataclasses.replace(config.reward, url=placeholder, reward_fn=None,
+                                                               model_dir=None)).validate()
+    else:
+        config.validate()
+    check_layout(ctx.executor, config)
+    if not ctx.dryrun:
+        check_submission(ctx.executor)
+
+    with S.build_experiment(task, ctx.executor, reward=reward, recipe=ctx.factory or "tiny_cpu", name=ctx.name) as exp:
+        if ctx.dryrun:
+            exp.dryrun(log=False, delete_exp_dir=False)
+            for title, text in rendered_plan(exp):
+                console.rule(f"[bold cyan]{title}")
+                console.print(text, markup=False, highlight=False, soft_wrap=True)
+            shutil.rmtree(exp.jobs[0].executor.experiment_dir, ignore_errors=True)
+            console.print(f"[bold cyan]Dry run for {ctx.name}:[/bold cyan] nothing was submitted")
+            return
+        if ctx._should_continue(ctx.skip_confirmation):
+            console.print(f"[bold cyan]Launching {ctx.name}...[/bold cyan]")
+            exp.run(detach=ctx.detach)
