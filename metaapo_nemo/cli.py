@@ -35,12 +35,16 @@ def _run(args: argparse.Namespace) -> int:
     try:
         config = get_recipe(args.recipe)
         apply_overrides(config, args.overrides)
+        if args.dryrun:  # show the plan even when it could not run yet, and say why
+            print(json.dumps(config.to_dict(), indent=2))
         config.validate()
-    except (ConfigError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except ConfigError as e:
+        print(f"{'note' if args.dryrun else 'error'}: {e}", file=sys.stderr)
+        return 0 if args.dryrun else 2
+    except KeyError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
         return 2
     if args.dryrun:
-        print(json.dumps(config.to_dict(), indent=2))
         return 0
     from metaapo_nemo.algorithm.metaapo import run_metaapo
 

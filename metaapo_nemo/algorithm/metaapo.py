@@ -453,25 +453,14 @@ class MetaAPORun:
                         self._meta_step(t)
 
     def _meta_step(self, t: int) -> None:
-        """Eq. 6 on rank 0 over the meta buffers of every data-parallel rank, then phi to all ranks."""
-        s = self.state
         started = time.perf_counter()
-        parts = all_gather_objects(self.meta_buffer.state_dict() if len(self.meta_buffer) else None)
-        self.meta_buffer.clear()
-        if self.rank0:
-            for part in parts:
-                if part is not None:
-                    other = MetaBuffer()
-                    other.load_state_dict(part)
-                    self.meta_buffer.add(*other.tensors())
-        if not any(part is not None for part in parts):
+        meta_stats = meta_step_on_rank0(self.meta, self.meta_optimizer if self.rank0 else None, self.meta_buffer)
+        if meta_stats is None:
             return
+        self.state.meta_updates += 1
+        self.state.seconds["meta"] += time.perf_counter() - started
         if self.rank0:
-            meta_stats = meta_update(self.meta, self.meta_optimizer, self.meta_buffer)
-            self.metrics.write("meta_update", s.step, t + 1, **meta_stats)
-        broadcast_module(self.meta, src=0)
-        s.meta_updates += 1
-        s.seconds["meta"] += time.perf_counter() - started
+            self.metrics.write("meta_update", self.state.step, t + 1, **meta_stats)
 
     def _evaluate(self, iteration: int) -> float:
         """Mean reward-model score of policy samples on the held-out prompts (split over ranks)."""
@@ -581,6 +570,26 @@ class MetaAPORun:
         self.metrics.truncate_after(self.state.iteration)
         self.console.log(f"resumed from {directory} after iteration {self.state.iteration}")
         return True
+
+
+def meta_step_on_rank0(meta: MetaLearner, optimizer, buffer: MetaBuffer) -> dict | None:
+    """Eq. 6 over the meta buffers of every rank: gathered to rank 0, one meta-learner step there,
+    phi broadcast to all ranks; every buffer is cleared. Returns rank 0's stats ({} elsewhere), or
+    None when no rank had anything buffered. Collective: every rank calls it."""
+    parts = all_gather_objects(buffer.state_dict() if len(buffer) else None)
+    buffer.clear()
+    if all(part is None for part in parts):
+        return None
+    stats = {}
+    if world_rank() == 0:
+        for part in parts:
+            if part is not None:
+                other = MetaBuffer()
+                other.load_state_dict(part)
+                buffer.add(*other.tensors())
+        stats = meta_update(meta, optimizer, buffer)
+    broadcast_module(meta, src=0)
+    return stats
 
 
 @dataclass

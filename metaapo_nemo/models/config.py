@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+# Llama 3.1's RoPE scaling constants; Megatron's RotaryEmbedding._apply_scaling hard-codes them.
+LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
 
 @dataclass
 class ModelConfig:

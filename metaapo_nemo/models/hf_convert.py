@@ -20,10 +20,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from metaapo_nemo.models.config import ModelConfig
+from metaapo_nemo.models.config import LLAMA3_ROPE, ModelConfig
 
-# Megatron's RotaryEmbedding._apply_scaling hard-codes these "llama3" RoPE parameters.
-_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 _LAYER_RENAMES = {  # HF name inside model.layers.{i}. -> megatron name inside decoder.layers.{i}.
     "input_layernorm.weight": "input_layernorm.weight",
@@ -73,9 +71,9 @@ def model_config_from_hf(hf_config) -> ModelConfig:
     theta, scaling = _rope(hf_config)
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "llama3":
-        got = {k: scaling.get(k) for k in _LLAMA3_ROPE}
-        if got != _LLAMA3_ROPE:
-            unsupported.append(f"llama3 RoPE scaling {got} (Megatron implements {_LLAMA3_ROPE})")
+        got = {k: scaling.get(k) for k in LLAMA3_ROPE}
+        if got != LLAMA3_ROPE:
+            unsupported.append(f"llama3 RoPE scaling {got} (Megatron implements {LLAMA3_ROPE})")
     elif rope_type != "default":
         unsupported.append(f"RoPE type {rope_type!r} (need 'default' or 'llama3')")
     if unsupported:
@@ -103,7 +101,7 @@ def hf_config_from_model_config(cfg: ModelConfig, **extra):
 
     rope_scaling = None
     if cfg.rope_scaling_factor is not None:
-        rope_scaling = {"rope_type": "llama3", "factor": cfg.rope_scaling_factor, **_LLAMA3_ROPE}
+        rope_scaling = {"rope_type": "llama3", "factor": cfg.rope_scaling_factor, **LLAMA3_ROPE}
     common = dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,

@@ -9,6 +9,7 @@ leaves the batch when all K of its samples are done.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metaapo_nemo.models.config import ModelConfig
+from metaapo_nemo.models.config import LLAMA3_ROPE, ModelConfig
 from metaapo_nemo.rollout.engine import GenerationStats, SamplingParams
 
 
@@ -39,9 +40,23 @@ def rotary_tables(cfg: ModelConfig, dtype: torch.dtype) -> tuple[Tensor, Tensor]
     computed in float32 and then cast, as Hugging Face does."""
     dim = cfg.head_dim
     inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if cfg.rope_scaling_factor is not None:
+        inv_freq = llama3_scaled(inv_freq, cfg.rope_scaling_factor)
     angles = torch.outer(torch.arange(cfg.max_position_embeddings).float(), inv_freq)
     angles = torch.cat((angles, angles), -1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def llama3_scaled(inv_freq: Tensor, factor: float) -> Tensor:
+    """Llama 3.1's RoPE frequency scaling: long wavelengths slowed by `factor`, short ones kept,
+    a smooth blend between (the same rule Megatron and Hugging Face apply)."""
+    low, high, context = (LLAMA3_ROPE[k] for k in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"))
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= context / high) & (wavelen <= context / low)
+    return torch.where(medium, blended, scaled)
 
 
 def right_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from metaapo_nemo.models.config import ModelConfig
+from metaapo_nemo.models.config import LLAMA3_ROPE, ModelConfig
 from metaapo_nemo.rollout.engine import SamplingParams
 from metaapo_nemo.rollout.torch_engine import TorchEngine
 from tests.helpers import spread_weights
@@ -22,6 +22,11 @@ QWEN2 = ModelConfig(
     qkv_bias=True, tie_word_embeddings=True,
 )
 
+LLAMA31 = ModelConfig(  # the Llama-3.1 layout: theta 5e5 and llama3 RoPE scaling
+    vocab_size=50, hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2,
+    ffn_hidden_size=96, max_position_embeddings=128, rotary_base=500000.0, rope_scaling_factor=8.0,
+)
+
 
 def hf_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
     """A random HF model of `cfg` whose every parameter (biases and norms included) is drawn large
@@ -34,6 +39,8 @@ def hf_model(cfg: ModelConfig, seed: int) -> torch.nn.Module:
         rope_theta=cfg.rotary_base, rms_norm_eps=cfg.norm_epsilon,
         tie_word_embeddings=cfg.tie_word_embeddings,
     )
+    if cfg.rope_scaling_factor is not None:
+        common["rope_scaling"] = {"rope_type": "llama3", "factor": cfg.rope_scaling_factor, **LLAMA3_ROPE}
     if cfg.qkv_bias:
         model = Qwen2ForCausalLM(Qwen2Config(**common))
     else:
@@ -56,7 +63,7 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int], eos: int | None, max_ne
     return out[0, len(prompt):].tolist()
 
 
-@pytest.fixture(scope="module", params=[LLAMA, QWEN2], ids=["llama", "qwen2_bias_tied"])
+@pytest.fixture(scope="module", params=[LLAMA, QWEN2, LLAMA31], ids=["llama", "qwen2_bias_tied", "llama31_rope_scaling"])
 def cfg_and_model(request):
     return request.param, hf_model(request.param, seed=0)
 
