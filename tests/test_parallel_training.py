@@ -1,7 +1,8 @@
 """Tensor, pipeline and data parallelism against one process, on real gloo ranks under torchrun:
 the same per-pair log-probs (policy and reference), the same Eq. 5 loss, grad norm and weights
-over 3 optimiser steps, and the meta-learner stepped on rank 0 (buffers gathered from every
-data-parallel rank) identical on every rank and equal to the single-process run.
+over 3 optimiser steps, the meta-learner stepped on rank 0 (buffers gathered from every
+data-parallel rank) identical on every rank and equal to the single-process run, and the rollout
+engine refit from the sharded policy equal on every rank to the single-process one.
 
 The test launches this file as its own worker (the `__main__` block) with 1 and with 2 ranks.
 """
@@ -54,6 +55,12 @@ def test_two_ranks_reproduce_the_single_process_run(single, tmp_path, tp, pp, la
         assert diff <= 1e-6, f"{layout}: meta-learner after step {step + 1} differs by {diff}"
     assert single["meta_params"][0] != single["meta_params"][-1]  # the meta-learner really moved
     assert parallel["meta_buffer_pairs"] == single["meta_buffer_pairs"] == [GLOBAL_BATCH] * STEPS
+    # Rollout refit after training: every rank's engine has the trained weights of the 1-rank run.
+    assert parallel["refit_identical_on_all_ranks"]
+    assert parallel["refit_greedy"] == single["refit_greedy"]
+    diff = max((torch.tensor(a) - torch.tensor(b)).abs().max().item()
+               for a, b in zip(parallel["refit_logits"], single["refit_logits"]))
+    assert diff <= 1e-5, f"{layout}: refit engine logits differ by {diff}"
 
 
 # ------------------------------------------------------------------------------------------
@@ -73,6 +80,8 @@ def _worker(tp: int, pp: int, out: str) -> None:
     )
     from metaapo_nemo.models.hf_convert import model_config_from_hf
     from metaapo_nemo.models.policy import MegatronPolicy, OptimConfig
+    from metaapo_nemo.rollout.engine import SamplingParams
+    from metaapo_nemo.rollout.torch_engine import TorchEngine
     from tests.helpers import spread_weights
 
     torch.set_num_threads(1)
@@ -128,6 +137,14 @@ def _worker(tp: int, pp: int, out: str) -> None:
         result["meta_identical_on_all_ranks"].append(all(other == flat for other in all_gather_objects(flat)))
         result["meta_params"].append(flat)
         result["meta_buffer_pairs"].append(all_gather_objects(meta_stats.get("meta_buffer_pairs"))[0])
+    # Refit: the engine gets complete weights (stages gathered, shards joined) on every rank.
+    engine = TorchEngine(cfg, eos_token_id=2, pad_token_id=0)
+    engine.refit(policy.hf_state_dict())
+    prompts = [p["prompt"] for p in pairs[:4]]
+    greedy = engine.generate(prompts, SamplingParams(num_samples=1, greedy=True, max_new_tokens=8))
+    logits = [t.tolist() for t in engine.prompt_logits(prompts)]
+    result["refit_identical_on_all_ranks"] = all(g == (greedy, logits) for g in all_gather_objects((greedy, logits)))
+    result.update(refit_greedy=greedy, refit_logits=logits)
     result.update(reference_logps=ref_off.tolist() + ref_on.tolist(), policy_logps_before=policy_before.tolist(),
                   policy_logps_after=policy.score(offline)[0].tolist(), data_parallel_size=data_parallel_size())
     if world_rank() == 0:
