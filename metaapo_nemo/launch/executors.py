@@ -10,6 +10,7 @@ subclass carrying the reward settings would not launch; they live on the RunCont
 """
 # No `from __future__ import annotations`: NeMo-Run evaluates a factory's return annotation in its own module.
 import dataclasses
+import functools
 import os
 import shlex
 import shutil
@@ -21,10 +22,11 @@ import nemo_run as run
 
 from metaapo_nemo import config as C
 from metaapo_nemo.launch import slurm as S
+from metaapo_nemo.recipes import RECIPES
 
 # An NGC release image carrying TensorRT-LLM (tags are x.y.z, e.g. 1.0.0, or x.y.zrcN). It is the
 # base of containers/Dockerfile, not a runnable image for this job: it lacks metaapo-nemo, megatron-core
-# and nemo-run. A real submission with it is refused (check_submission); dry runs show it.
+# and nemo-run. A real submission with it is refused (check_submission); dry runs note it.
 DEFAULT_CONTAINER_IMAGE = "nvcr.io/nvidia/tensorrt-llm/release:1.0.0"
 GPUS_PER_NODE = 8
 
@@ -81,6 +83,18 @@ def slurm(
     )
 
 
+def check_config(config: C.MetaAPOConfig, reward: Optional[S.RewardGroup]) -> None:
+    """Validate the configuration as the trainer will run it: with a reward group, its reward settings
+    go to the server and the trainer gets reward.url (a placeholder here: Slurm places the group)."""
+    if reward is None:
+        config.validate()
+        return
+    S.reward_server_args(config.reward, reward.port)
+    trainer_reward = dataclasses.replace(config.reward, url=f"http://reward-group:{reward.port}", reward_fn=None,
+                                         model_dir=None)
+    dataclasses.replace(config, reward=trainer_reward).validate()
+
+
 def check_layout(executor: run.Executor, config: C.MetaAPOConfig) -> None:
     """Raise ConfigError when the executor's ranks cannot hold the trainer's TP x PP layout."""
     ranks_per_node = executor.ntasks_per_node
@@ -93,8 +107,9 @@ def check_layout(executor: run.Executor, config: C.MetaAPOConfig) -> None:
     tp, pp = config.trainer.tensor_model_parallel_size, config.trainer.pipeline_model_parallel_size
     if world % (tp * pp):
         raise C.ConfigError(
-            f"{world} ranks ({nodes} node(s) x {ranks_per_node}) is not a multiple of trainer.tensor_model_parallel_size="
-            f"{tp} x trainer.pipeline_model_parallel_size={pp}; change the node or rank count or the parallel sizes")
+            f"{world} ranks ({nodes} node(s) x {ranks_per_node}) is not a multiple of "
+            f"trainer.tensor_model_parallel_size={tp} x trainer.pipeline_model_parallel_size={pp}; "
+            "change the node or rank count or the parallel sizes")
 
 
 def check_submission(executor: run.Executor) -> None:
@@ -114,13 +129,17 @@ def rendered_plan(experiment: run.Experiment) -> list[tuple[str, str]]:
         if isinstance(executor, run.SlurmExecutor):
             script = Path(executor.experiment_dir, f"{executor.job_name}_sbatch.sh")
             plan.append((f"sbatch script ({job.id})", script.read_text()))
+            # Inline task scripts (the het trainer's torchrun line) run in the container from /nemo_run/scripts.
+            for task_script in sorted(Path(executor.job_dir, "scripts").glob("*.sh")):
+                plan.append((f"/nemo_run/scripts/{task_script.name}", task_script.read_text()))
         else:
             # The local scheduler's dry-run request: the exact argv and environment it would start.
             for role, replicas in job._dryrun_info.request.role_params.items():
                 for replica in replicas:
                     env = {k: v for k, v in replica.env.items() if k in executor.env_vars and k != "PATH"}
                     command = " ".join(shlex.quote(a) for a in replica.args)
-                    plan.append((f"local command ({role})", " ".join(f"{k}={v}" for k, v in env.items()) + " " + command))
+                    env_text = " ".join(f"{k}={v}" for k, v in env.items())
+                    plan.append((f"local command ({role})", f"{env_text} {command}"))
     return plan
 
 
@@ -131,26 +150,33 @@ def launch(ctx: run.cli.RunContext, task: run.Partial) -> None:
     console = Console()
     run.dryrun_fn(task, executor=ctx.executor)
     config = S.config_from_partial(task)
-    reward = None
-    if ctx.reward_nodes:
-        reward = S.RewardGroup(nodes=ctx.reward_nodes, gpus_per_node=ctx.reward_gpus_per_node, port=ctx.reward_port)
-        S.reward_server_args(config.reward, reward.port)  # the group's settings, checked before anything else
-        placeholder = f"http://reward-group:{reward.port}"  # the real host is known once Slurm places the job
-        dataclasses.replace(config, reward=dataclasses.replace(config.reward, url=placeholder, reward_fn=None,
-                                                               model_dir=None)).validate()
-    else:
-        config.validate()
-    check_layout(ctx.executor, config)
-    if not ctx.dryrun:
-        check_submission(ctx.executor)
+    reward = (S.RewardGroup(nodes=ctx.reward_nodes, gpus_per_node=ctx.reward_gpus_per_node, port=ctx.reward_port)
+              if ctx.reward_nodes else None)
+    # A dry run shows the plan even when it could not run yet, and says why (as `metaapo run --dryrun`).
+    problems = []
+    checks = (functools.partial(check_config, config, reward), functools.partial(check_layout, ctx.executor, config),
+              functools.partial(check_submission, ctx.executor))
+    for check in checks:
+        try:
+            check()
+        except C.ConfigError as e:
+            if not ctx.dryrun:
+                raise
+            problems.append(str(e))
 
-    with S.build_experiment(task, ctx.executor, reward=reward, recipe=ctx.factory or "tiny_cpu", name=ctx.name) as exp:
+    # The het trainer's `metaapo run --recipe` base: the recipe named on the command line (the default
+    # factory arrives as a function); any recipe reproduces the configuration.
+    recipe = ctx.factory if ctx.factory in RECIPES else "tiny_cpu"
+    with S.build_experiment(task, ctx.executor, reward=reward, recipe=recipe, name=ctx.name) as exp:
         if ctx.dryrun:
             exp.dryrun(log=False, delete_exp_dir=False)
             for title, text in rendered_plan(exp):
                 console.rule(f"[bold cyan]{title}")
                 console.print(text, markup=False, highlight=False, soft_wrap=True)
             shutil.rmtree(exp.jobs[0].executor.experiment_dir, ignore_errors=True)
+            for problem in problems:
+                console.print(f"note: this plan cannot run yet: {problem}", markup=False, highlight=False,
+                              soft_wrap=True)
             console.print(f"[bold cyan]Dry run for {ctx.name}:[/bold cyan] nothing was submitted")
             return
         if ctx._should_continue(ctx.skip_confirmation):

@@ -36,7 +36,7 @@ class RecipeRunContext(run.cli.RunContext):
                 self.factory = arg.split("=", 1)[1]
                 del args[i]
                 break
-        if self.factory is not None and self.factory not in recipes.RECIPES:
+        if isinstance(self.factory, str) and self.factory not in recipes.RECIPES:
             raise run.cli.api.RunContextError(
                 f"unknown recipe {self.factory!r}; available: {', '.join(sorted(recipes.RECIPES))}")
         return super().cli_execute(fn, args, entrypoint_type)

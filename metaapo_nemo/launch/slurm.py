@@ -80,6 +80,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def _literal(value: Any) -> str:
+    # C._parse_value is the reader of `metaapo run` overrides (config.apply_overrides).
     if isinstance(value, str) and C._parse_value(value) == value:
         return value
     return repr(value)
@@ -88,11 +89,9 @@ def _literal(value: Any) -> str:
 def trainer_script(config: C.MetaAPOConfig, recipe: str, *, nodes: int, nproc_per_node: int) -> str:
     """The trainer group's shell script: torchrun over `nodes` x `nproc_per_node` ranks running
     `metaapo run`, pointed at the reward group through $METAAPO_REWARD_URL."""
-    trainer = dataclasses.replace(config, reward=dataclasses.replace(config.reward, url=None, reward_fn=None,
-                                                                        model_dir=None))
-    overrides = [shlex.quote(o) for o in config_overrides(trainer, recipe)
+    # The reward model's settings go to the server group; the trainer only talks to it.
+    overrides = [shlex.quote(o) for o in config_overrides(config, recipe)
                  if not o.startswith(("reward.url=", "reward.reward_fn=", "reward.model_dir="))]
-    # The reward settings go to the server group; the trainer only talks to it.
     overrides += ["reward.reward_fn=None", "reward.model_dir=None", f'"reward.url=${{{REWARD_URL_ENV}}}"']
     lines = [
         f"# MetaAPO trainer (het group {TRAINER_GROUP}): one torchrun agent per node, {nproc_per_node} ranks each.",
@@ -126,6 +125,7 @@ def reward_url_export(port: int) -> str:
 
 
 def rdzv_host_export() -> str:
+    """Shell text giving the first trainer node: torchrun's rendezvous host, never a reward node."""
     return f'$(scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_{TRAINER_GROUP}" | head -n1)'
 
 
@@ -160,7 +160,8 @@ def build_experiment(
         return
 
     if not isinstance(executor, run.SlurmExecutor):
-        raise C.ConfigError(f"a reward group needs the slurm executor (run.executor=slurm), got {type(executor).__name__}")
+        raise C.ConfigError("a reward group needs the slurm executor (run.executor=slurm), "
+                            f"got {type(executor).__name__}")
     serve_args = reward_server_args(config.reward, reward.port)
     nproc = executor.gpus_per_node or executor.ntasks_per_node
 
@@ -174,7 +175,8 @@ def build_experiment(
     reward_ex = executor.clone()
     reward_ex.launcher = None
     reward_ex.nodes, reward_ex.ntasks_per_node = reward.nodes, 1
-    reward_ex.gpus_per_node, reward_ex.gpus_per_task, reward_ex.torchrun_nproc_per_node = reward.gpus_per_node, None, None
+    reward_ex.gpus_per_node, reward_ex.gpus_per_task = reward.gpus_per_node, None
+    reward_ex.torchrun_nproc_per_node = None
     reward_ex.container_image = reward.container_image or executor.container_image
     reward_ex.env_vars = dict(executor.env_vars)
     if config.reward.token:  # the server reads its token from the environment, not the command line

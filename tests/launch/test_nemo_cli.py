@@ -46,3 +46,10 @@ def test_metaapo_run_rejects_an_incomplete_config_with_what_to_set():
     out = _run([sys.executable, "-m", "metaapo_nemo", "run", "--recipe", "llama31_8b"])
     assert out.returncode == 2
     assert "policy.hf_path is not set" in out.stderr
+
+
+@pytest.mark.skipif(not NEMO.exists(), reason="the nemo console script is installed with the package")
+def test_nemo_llm_metaapo_without_recipe_uses_the_tiny_cpu_default():
+    out = _run([str(NEMO), "llm", "metaapo", "--dryrun", "output_dir=/tmp/never"])
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Dry run for metaapo" in out.stdout and "enabled=True" in out.stdout

@@ -1,0 +1,243 @@
+"""The heterogeneous Slurm job (trainer group + reward-server group) and the plain sbatch script.
+
+No Slurm runs here. The rendered scripts are checked as text and, more to the point, executed by
+bash with stand-ins for `srun`, `scontrol` and `torchrun` on PATH that record what they are asked
+to run: so the tests see the commands each group would start, after the shell has expanded the
+hostnames, and the trainer's `metaapo run` overrides are parsed back into a configuration."""
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import fiddle as fdl
+import nemo_run as run
+import pytest
+
+from metaapo_nemo import config as C
+from metaapo_nemo.launch import executors, slurm
+from metaapo_nemo.recipes import get_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+NEMO = Path(sys.executable).with_name("nemo")
+IMAGE = "/lustre/images/metaapo-nemo.sqsh"
+TRAINER_HOSTS, REWARD_HOSTS = ["trn1", "trn2"], ["rm1", "rm2"]
+
+SRUN = """
+import json, os, subprocess, sys, time
+VALUED = {"--output", "--error", "--container-image", "--container-mounts", "--container-workdir", "-w"}
+args, opts, i = sys.argv[1:], {}, 0
+while i < len(args) and args[i].startswith("-"):
+    if args[i] in VALUED:
+        opts[args[i]], i = args[i + 1], i + 2
+    else:
+        key, _, value = args[i].partition("=")
+        opts[key], i = value, i + 1
+cmd = args[i:]
+env = {k: os.environ.get(k) for k in ("METAAPO_REWARD_URL", "METAAPO_RDZV_HOST", "METAAPO_REWARD_TOKEN")}
+with open(os.environ["STUB_LOG"], "a") as log:
+    log.write(json.dumps({"prog": "srun", "opts": opts, "cmd": cmd, "env": env}) + "\\n")
+if cmd[:1] == ["hostname"]:
+    print("10.0.0.1")
+elif "serve-reward" in cmd:
+    time.sleep(60)  # a server: runs until the job script stops it
+else:  # in the container, /nemo_run is a mount of the job directory
+    rundir = os.environ.get("STUB_NEMO_RUN", "/nemo_run")
+    cmd = [rundir + c[len("/nemo_run"):] if c.startswith("/nemo_run/") else c for c in cmd]
+    sys.exit(subprocess.call(cmd))
+"""
+SCONTROL = """
+import os, sys
+words = " ".join(sys.argv[1:]).replace("hostnames=", "hostnames ").split()
+if words[:2] == ["show", "hostnames"]:
+    print("\\n".join(words[2].split(",")))
+"""
+TORCHRUN = """
+import json, os, sys
+with open(os.environ["STUB_LOG"], "a") as log:
+    log.write(json.dumps({"prog": "torchrun", "argv": sys.argv[1:]}) + "\\n")
+sys.exit(int(os.environ.get("STUB_TRAINER_EXIT", "0")))
+"""
+
+
+@pytest.fixture(autouse=True)
+def nemorun_home(tmp_path, monkeypatch):
+    """NeMo-Run files under tmp_path; its shell helper (invoke) reads stdin, which pytest refuses."""
+    monkeypatch.setattr(sys, "stdin", open(os.devnull))
+    before = run.config.get_nemorun_home()
+    run.config.set_nemorun_home(str(tmp_path / "nemo_run"))
+    yield
+    run.config.set_nemorun_home(before)
+
+
+def _run_with_stand_ins(script: Path, tmp_path: Path, *args: str, **env) -> tuple[subprocess.CompletedProcess, list]:
+    """Execute an sbatch script as Slurm would, on the first trainer node, with recording stand-ins."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in (("srun", SRUN), ("scontrol", SCONTROL), ("torchrun", TORCHRUN)):
+        (bin_dir / name).write_text(f"#!{sys.executable}\n{textwrap.dedent(body)}")
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "calls.jsonl"
+    slurm_env = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": ",".join(TRAINER_HOSTS + REWARD_HOSTS),
+                 "SLURM_JOB_NODELIST_HET_GROUP_0": ",".join(TRAINER_HOSTS),
+                 "SLURM_JOB_NODELIST_HET_GROUP_1": ",".join(REWARD_HOSTS)}
+    full_env = {**os.environ, **slurm_env, **env, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(log)}
+    done = subprocess.run(["bash", str(script), *args], env=full_env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return done, calls
+
+
+def _config(**reward):
+    config = get_recipe("llama31_8b")
+    C.apply_overrides(config, ["policy.hf_path=/lustre/models/tulu", "data.train=/lustre/d/train.jsonl",
+                               "data.eval=/lustre/d/eval.jsonl", "rollout.engine=torch", "output_dir=/lustre/runs/x",
+                               "algo.beta=0.2"])
+    for key, value in reward.items():
+        setattr(config.reward, key, value)
+    return config
+
+
+def _executor(tmp_path) -> run.SlurmExecutor:
+    executor = fdl.build(executors.slurm(account="acct", partition="batch", nodes=2, container_image=IMAGE,
+                                         container_mounts=["/lustre:/lustre"], job_dir=str(tmp_path / "jobs")))
+    # Stand-ins answer at once: no pause between starting the groups, a 1 s watch loop.
+    executor.wait_time_for_group_job, executor.monitor_group_job_wait_time = 0, 1
+    return executor
+
+
+def _het_job(tmp_path, config, reward=slurm.RewardGroup(nodes=2)) -> tuple[str, Path, Path]:
+    """The dry-run het job: its sbatch text and file, and the job directory NeMo-Run mounts as /nemo_run
+    (a dry run leaves it on this machine; a launch copies it to the tunnel's job_dir)."""
+    with slurm.build_experiment(config, _executor(tmp_path), reward=reward, recipe="qwen25_7b") as exp:
+        exp.dryrun(log=False, delete_exp_dir=False)
+        [(_, sbatch), (script_name, _)] = executors.rendered_plan(exp)
+        executor = exp.jobs[0].executor
+    path = Path(executor.experiment_dir, f"{executor.job_name}_sbatch.sh")
+    assert script_name == "/nemo_run/scripts/train-0.sh" and path.read_text() == sbatch
+    return sbatch, path, Path(executor.job_dir)
+
+
+def test_config_overrides_round_trip_through_metaapo_run_parsing():
+    config = _config(url=["http://a:1", "http://b:2"], token="s3cret")
+    config.data.max_eval_prompts = None
+    config.output_dir = "123"  # a string that reads as a number must stay a string
+    overrides = slurm.config_overrides(config, "tiny_cpu")
+    assert "policy.hf_path=/lustre/models/tulu" in overrides and "algo.beta=0.2" in overrides
+    assert "reward.url=['http://a:1', 'http://b:2']" in overrides and "output_dir='123'" in overrides
+    assert "data.max_eval_prompts=None" in overrides and "task.enabled=False" in overrides
+    rebuilt = get_recipe("tiny_cpu")
+    C.apply_overrides(rebuilt, overrides)
+    assert rebuilt == config
+    assert slurm.config_overrides(config, "llama31_8b") != overrides  # only the differences are written
+
+
+def test_het_sbatch_has_a_trainer_group_and_a_reward_group_with_its_own_nodes(tmp_path):
+    sbatch, path, _ = _het_job(tmp_path, _config(model_dir="/lustre/models/rm"))
+    trainer, reward = sbatch.split("#SBATCH hetjob\n")
+    flags = [dict(re.findall(r"^#SBATCH --([\w-]+)=?(.*)$", group, re.M)) for group in (trainer, reward)]
+    assert [(f["nodes"], f["ntasks-per-node"], f["gpus-per-node"]) for f in flags] == [("2", "1", "8"), ("2", "1", "1")]
+    assert all(f["account"] == "acct" and f["partition"] == "batch" and "exclusive" in f for f in flags)
+    sruns = [line for line in sbatch.splitlines() if line.startswith("srun --het-group")]
+    assert [s.split()[1] for s in sruns] == ["--het-group=0", "--het-group=1"]
+    assert all(f"--container-image {IMAGE} --container-mounts /lustre:/lustre," in s for s in sruns)
+    assert sruns[0].endswith("bash /nemo_run/scripts/train-0.sh & pids[0]=$!")
+    assert sruns[1].endswith("python -m metaapo_nemo serve-reward --host 0.0.0.0 --port 5000 "
+                             "--model /lustre/models/rm & pids[1]=$!")
+    assert 'scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_1"' in sbatch
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+
+
+def test_het_sbatch_run_starts_torchrun_on_the_trainer_nodes_pointed_at_every_reward_node(tmp_path):
+    config = _config(model_dir="/lustre/models/rm", token="s3cret")
+    _, path, job_dir = _het_job(tmp_path, config)
+    done, calls = _run_with_stand_ins(path, tmp_path, STUB_NEMO_RUN=str(job_dir))
+    assert done.returncode == 0, done.stderr[-3000:]
+    groups = {c["opts"].get("--het-group"): c for c in calls if c["prog"] == "srun" and "--het-group" in c["opts"]}
+    assert groups["1"]["cmd"] == ["python", "-m", "metaapo_nemo", "serve-reward", "--host", "0.0.0.0", "--port", "5000",
+                                  "--model", "/lustre/models/rm"]
+    assert groups["1"]["env"]["METAAPO_REWARD_TOKEN"] == "s3cret"  # from the environment, not the command line
+    assert groups["0"]["opts"]["--container-image"] == IMAGE
+
+    [torchrun] = [c["argv"] for c in calls if c["prog"] == "torchrun"]
+    run_at = torchrun.index("-m")
+    assert torchrun[:run_at] == ["--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d",
+                                 "--rdzv-endpoint=trn1:29500", "--rdzv-id=4242"]
+    assert torchrun[run_at:run_at + 5] == ["-m", "metaapo_nemo", "run", "--recipe", "qwen25_7b"]
+    assert torchrun[-1] == "reward.url=http://rm1:5000,http://rm2:5000"
+    trainer = get_recipe("qwen25_7b")
+    C.apply_overrides(trainer, torchrun[run_at + 5:])  # what `metaapo run` does with them
+    expected = _config(url="http://rm1:5000,http://rm2:5000", token="s3cret")
+    assert trainer == expected  # the resolved configuration, with the reward group as its server
+
+
+def test_reward_group_needs_one_model_source_no_url_and_the_slurm_executor(tmp_path):
+    for reward in (dict(), dict(model_dir="/m", reward_fn="pkg:fn"), dict(model_dir="/m", url="http://rm:1")):
+        with pytest.raises(C.ConfigError, match="reward"):
+            executors.check_config(_config(**reward), slurm.RewardGroup())
+    local = fdl.build(executors.local_torchrun())
+    with pytest.raises(C.ConfigError, match="needs the slurm executor"):
+        with slurm.build_experiment(_config(reward_fn="pkg:fn"), local, reward=slurm.RewardGroup()):
+            pass
+    executors.check_config(_config(reward_fn="pkg:fn"), slurm.RewardGroup())  # the trainer gets reward.url
+
+
+def test_plain_sbatch_runs_both_groups_in_the_container_and_returns_the_trainer_status(tmp_path):
+    script = ROOT / "launcher_configs" / "metaapo.sbatch"
+    text = script.read_text()
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    trainer, reward = text.split("#SBATCH hetjob\n")
+    assert "#SBATCH --nodes=2" in trainer and "#SBATCH --gpus-per-node=8" in trainer
+    assert "#SBATCH --nodes=1" in reward and "#SBATCH --gpus-per-node=1" in reward
+
+    done, calls = _run_with_stand_ins(script, tmp_path, "policy.hf_path=/lustre/m", "algo.beta=0.2",
+                                      IMAGE=IMAGE, REWARD_MODEL="/lustre/models/rm", STUB_TRAINER_EXIT="3")
+    assert done.returncode == 3, done.stderr[-3000:]  # the trainer's status; the server was stopped
+    groups = {c["opts"]["--het-group"]: c for c in calls if c["prog"] == "srun"}
+    for group in groups.values():
+        assert group["opts"]["--container-image"] == IMAGE and group["opts"]["--container-mounts"] == "/lustre:/lustre"
+    assert groups["1"]["cmd"] == ["python", "-m", "metaapo_nemo", "serve-reward", "--host", "0.0.0.0", "--port", "5000",
+                                  "--model", "/lustre/models/rm"]
+    [torchrun] = [c["argv"] for c in calls if c["prog"] == "torchrun"]
+    assert torchrun == ["--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d", "--rdzv-endpoint=trn1:29500",
+                        "--rdzv-id=4242", "-m", "metaapo_nemo", "run", "--recipe", "llama31_8b",
+                        "reward.url=http://rm1:5000,http://rm2:5000", "reward.reward_fn=None", "reward.model_dir=None",
+                        "policy.hf_path=/lustre/m", "algo.beta=0.2"]
+
+
+def test_launcher_configs_parse_and_the_python_api_dry_runs_a_het_job(tmp_path, capsys):
+    for script in ("local_torchrun.sh", "slurm.sh", "slurm_reward_group.sh"):
+        assert subprocess.run(["bash", "-n", str(ROOT / "launcher_configs" / script)]).returncode == 0
+    sys.path.insert(0, str(ROOT / "launcher_configs"))
+    try:
+        import slurm_experiment
+    finally:
+        sys.path.remove(str(ROOT / "launcher_configs"))
+    argv = ["--account", "acct", "--image", IMAGE, "--reward-nodes", "1", "--job-dir", str(tmp_path / "jobs"),
+            "--dryrun", "reward.model_dir=/lustre/models/rm", "policy.hf_path=/lustre/m", "data.train=/lustre/t.jsonl",
+            "data.eval=/lustre/e.jsonl", "rollout.engine=torch"]
+    assert slurm_experiment.main(argv) == 0
+    assert "serve-reward" in capsys.readouterr().out
+    assert slurm_experiment.main(argv + ["--nodes", "1", "--gpus-per-node", "4"]) == 2
+    assert "4 ranks (1 node(s) x 4) is not a multiple of trainer.tensor_model_parallel_size=8" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.skipif(not NEMO.exists(), reason="the nemo console script is installed with the package")
+def test_nemo_cli_reward_group_dryrun_shows_both_groups_and_the_trainer_script(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", "NEMORUN_HOME": str(tmp_path / "home")}
+    out = subprocess.run(
+        [str(NEMO), "llm", "metaapo", "--recipe", "llama31_8b", "--dryrun", "run.executor=slurm",
+         "run.executor.nodes=2", f"run.executor.container_image={IMAGE}",
+         f"run.executor.tunnel.job_dir={tmp_path}/jobs",
+         "run.reward_nodes=1", "reward.model_dir=/lustre/models/rm", "policy.hf_path=/lustre/m",
+         "data.train=/lustre/t.jsonl", "data.eval=/lustre/e.jsonl", "rollout.engine=torch"],
+        capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout
+    assert "#SBATCH hetjob" in text and "srun --het-group=1" in text
+    assert "serve-reward --host 0.0.0.0 --port 5000 --model /lustre/models/rm" in text
+    assert "exec torchrun --nnodes=2 --nproc-per-node=8" in text and '"reward.url=${METAAPO_REWARD_URL}"' in text
+    assert "Dry run for metaapo: nothing was submitted" in text
