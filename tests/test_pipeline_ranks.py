@@ -54,6 +54,7 @@ def test_two_ranks_make_the_same_decisions_pairs_and_weights_as_one(one_rank, ca
     out = tmp_path / "out"
     _run(out, cache, 2, *layout)
     single, double = (json.loads((d / "summary.json").read_text()) for d in (one_rank, out))
+    assert single["parallel"]["ranks"] == 1 and double["parallel"]["ranks"] == 2
     assert _decisions(out) == _decisions(one_rank) and len(_decisions(out)) == 2
     for key in ("prompts_annotated", "num_online_pairs", "ties", "meta_updates", "optimizer_steps"):
         assert double[key] == single[key], key
@@ -64,3 +65,22 @@ def test_two_ranks_make_the_same_decisions_pairs_and_weights_as_one(one_rank, ca
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     start = load_file(next(cache.glob("tiny_cpu-*")) / "warmup" / "model.safetensors")
     assert max((b[k] - start[k]).abs().max().item() for k in b) > 5e-5  # training moved the weights (lr 2e-5)
+
+
+NEMO = Path(sys.executable).with_name("nemo")
+
+
+@pytest.mark.skipif(not NEMO.exists(), reason="the nemo console script is installed with the package")
+def test_nemo_local_torchrun_executor_runs_tiny_cpu_on_two_ranks(one_rank, cache, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [str(NEMO), "llm", "metaapo", "--recipe", "tiny_cpu", "--yes", "run.executor=local_torchrun",
+         "run.executor.ntasks_per_node=2", f"output_dir={out}", f"task.cache_dir={cache}", *SHRUNK],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "NEMORUN_HOME": str(tmp_path / "nemo_run")})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["finished"] and summary["parallel"] == {"ranks": 2, "tensor": 1, "pipeline": 1, "data": 2}
+    assert _decisions(out) == _decisions(one_rank)
+    assert summary["reward_per_iteration"] == pytest.approx(
+        json.loads((one_rank / "summary.json").read_text())["reward_per_iteration"], abs=1e-6)

@@ -31,7 +31,7 @@ from metaapo_nemo.algorithm.sampling import sample_seeds, uniform_draws
 from metaapo_nemo.algorithm.strategies import Strategy, loss_weights, offline_weight, resolve_strategy, select_for_sampling
 from metaapo_nemo.config import MetaAPOConfig
 from metaapo_nemo.distributed import (
-    all_gather_objects, barrier, broadcast_module, is_loss_rank, world_rank, world_size,
+    all_gather_objects, barrier, broadcast_module, data_parallel_size, is_loss_rank, world_rank, world_size,
 )
 from metaapo_nemo.metrics import Console, MetricsWriter
 
@@ -512,6 +512,8 @@ class MetaAPORun:
             "reward_per_iteration": s.rewards, "seconds": secs,
             "tokens_per_second": {"training": s.train_tokens / max(1e-9, s.seconds["training"]),
                                   "generation": s.generated_tokens / max(1e-9, s.seconds["sampling"])},
+            "parallel": {"ranks": world_size(), "tensor": c.trainer.tensor_model_parallel_size,
+                         "pipeline": c.trainer.pipeline_model_parallel_size, "data": data_parallel_size()},
             "output_dir": str(self.out), "final_checkpoint": str(self.out / "final"),
         }
 
