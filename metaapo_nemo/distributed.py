@@ -127,10 +127,28 @@ def all_gather_objects(obj) -> list:
     return gathered
 
 
+def collective_device() -> torch.device:
+    """Where tensors must be for a collective: the GPU under nccl, the CPU under gloo."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of `tensor` over every rank (WORLD group), on tensor's device."""
+    if world_size() == 1:
+        return tensor
+    on_device = tensor.to(collective_device())
+    dist.all_reduce(on_device)
+    return on_device.to(tensor.device)
+
+
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
     """Copy `module`'s parameters and buffers from global rank `src` to every rank (WORLD group)."""
     if world_size() == 1:
         return
     with torch.no_grad():
         for tensor in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(tensor.data, src=src)
+            on_device = tensor.data.to(collective_device())
+            dist.broadcast(on_device, src=src)
+            tensor.data.copy_(on_device)

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -28,7 +27,9 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from metaapo_nemo.data.batching import SequenceBatch, collate
-from metaapo_nemo.distributed import all_gather_objects, data_parallel_rank, data_parallel_size, is_loss_rank
+from metaapo_nemo.distributed import (
+    all_gather_objects, all_reduce_sum, data_parallel_rank, data_parallel_size, is_loss_rank,
+)
 from metaapo_nemo.models.config import ModelConfig
 from metaapo_nemo.models.gpt import build_gpt_model
 from metaapo_nemo.models.hf_convert import export_hf_state_dict, load_hf_into_model
@@ -69,17 +70,20 @@ class MegatronPolicy:
             optimizer="adam", lr=optim.lr, weight_decay=optim.weight_decay, adam_beta1=optim.betas[0],
             adam_beta2=optim.betas[1], clip_grad=optim.clip_grad), [self.ddp])
 
-    def _autocast(self):
-        return torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+    def _autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
     def _stage_forward(self, model, batch: SequenceBatch):
-        """This stage's part of log pi(y|x): hidden states to pass on, or (logp_sum, ntok) on the last stage."""
-        with self._autocast():
-            hidden = decoder_hidden_states(model, batch.tokens)
+        """This stage's part of log pi(y|x): hidden states to pass on, or (logp_sum, ntok) on the last
+        stage, returned on the CPU where the losses and the cached reference log-probs live."""
+        device = next(self.model.parameters()).device
+        tokens, prompt_lens, lengths = (t.to(device) for t in (batch.tokens, batch.prompt_lens, batch.lengths))
+        with self._autocast(device):
+            hidden = decoder_hidden_states(model, tokens)
             if not ps.is_pipeline_last_stage():
                 return hidden, None
-            logp, ntok = response_logprobs(model, hidden, batch.tokens, batch.prompt_lens, batch.lengths)
-        return logp.float(), ntok
+            logp, ntok = response_logprobs(model, hidden, tokens, prompt_lens, lengths)
+        return logp.float().cpu(), ntok.cpu()
 
     @torch.no_grad()
     def score(self, sequences: Sequences, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,10 +116,7 @@ class MegatronPolicy:
             get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(chunks), model=[self.model],
                                         num_microbatches=len(chunks), seq_length=1, micro_batch_size=1,
                                         forward_only=True)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            both = torch.stack([logps, ntoks])
-            dist.all_reduce(both)  # every pair was written by exactly one rank
-            logps, ntoks = both[0], both[1]
+        logps, ntoks = all_reduce_sum(torch.stack([logps, ntoks]))  # every pair was written by exactly one rank
         return logps.float(), ntoks.long()
 
     def train_step(self, items: list, make_batch: Callable, loss_fn: Callable, micro_batch_size: int) -> dict:
