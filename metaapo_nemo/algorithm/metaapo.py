@@ -426,7 +426,7 @@ class MetaAPORun:
             loss = meta_weighted_loss(w_off, w_on, loss_off, loss_on) * b
             if needs_offline and m and is_loss_rank():
                 self.meta_buffer.add(score_off[on_items], loss_off.detach()[on_items], loss_on.detach()[on_items])
-            stats = dict(loss=float(loss), n=b, n_online=m, loss_offline=float(loss_off.detach().sum()),
+            stats = dict(loss=float(loss.detach()), n=b, n_online=m, loss_offline=float(loss_off.detach().sum()),
                          loss_online=float(loss_on.detach().sum()), meta_weight=float(w_off.sum()),
                          score_offline=float(score_off.sum()), score_online=float(score_on.sum()))
             return loss, stats

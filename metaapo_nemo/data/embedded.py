@@ -81,7 +81,7 @@ def prepare_embedded_task(task: EmbeddedTaskConfig, seed: int, console: Console)
 
     def sft_loss(seqs, logp, ntok):
         # One micro-batch per step: scaled so that the step minimises the NLL per response token.
-        return -logp.sum() * len(seqs) / ntok.sum(), {"nll": float(-logp.sum()), "response_tokens": float(ntok.sum())}
+        return -logp.sum() * len(seqs) / ntok.sum(), {"nll": float(-logp.detach().sum()), "response_tokens": float(ntok.sum())}
 
     with console.progress("SFT", total=task.sft_steps) as advance:
         for step in range(task.sft_steps):
@@ -129,7 +129,7 @@ def _dpo_warmup(task, cfg, sft_policy, tokenizer, pairs, seed, console) -> Megat
         n = len(idx)
         logps = PairLogps(logp[:n], logp[n:], ref_c[idx], ref_r[idx], None, None)
         loss = objective.loss(logps)
-        return loss.sum(), {"loss": float(loss.sum()), "score": float(objective.score(logps).sum())}
+        return loss.sum(), {"loss": float(loss.detach().sum()), "score": float(objective.score(logps).detach().sum())}
 
     with console.progress("DPO warm-up", total=task.warmup_dpo_steps) as advance:
         for _ in range(task.warmup_dpo_steps):
