@@ -10,3 +10,24 @@ def spread_weights(model: torch.nn.Module, seed: int, scale: float = 0.15, norm_
             noise = torch.randn(p.shape, generator=gen)
             p.copy_(1 + norm_scale * noise if "norm" in name else scale * noise)
     return model.eval()
+
+
+def run_ranks(nproc: int, *args: str, timeout: int = 300):
+    """`python -m torch.distributed.run --nproc-per-node NPROC *args` on a free local port, one torch
+    thread per rank, the repository on the path; fails the test with the output's tail."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-addr", "127.0.0.1", "--master-port", str(port), *args]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc

@@ -7,28 +7,20 @@ engine refit from the sharded policy equal on every rank to the single-process o
 The test launches this file as its own worker (the `__main__` block) with 1 and with 2 ranks.
 """
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.helpers import run_ranks
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, GLOBAL_BATCH, MICRO_BATCH, PAIRS = 3, 8, 2, 16
 
 
 def _launch(nproc: int, tp: int, pp: int, out: Path) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-         "--master-port", str(port), __file__, str(tp), str(pp), str(out)],
-        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_ranks(nproc, __file__, str(tp), str(pp), str(out))
     return json.loads(out.read_text())
 
 
@@ -70,13 +62,25 @@ def test_two_ranks_reproduce_the_single_process_run(single, tmp_path, tp, pp, la
 def _worker(tp: int, pp: int, out: str) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from metaapo_nemo.algorithm.meta_learner import MetaBuffer, MetaLearner, make_meta_optimizer
+    from metaapo_nemo.algorithm.meta_learner import (
+        MetaBuffer,
+        MetaLearner,
+        make_meta_optimizer,
+    )
     from metaapo_nemo.algorithm.metaapo import meta_step_on_rank0
-    from metaapo_nemo.algorithm.objectives import Objective, PairLogps, meta_weighted_loss
+    from metaapo_nemo.algorithm.objectives import (
+        Objective,
+        PairLogps,
+        meta_weighted_loss,
+    )
     from metaapo_nemo.algorithm.strategies import loss_weights, resolve_strategy
     from metaapo_nemo.data.batching import collate
     from metaapo_nemo.distributed import (
-        all_gather_objects, data_parallel_size, init_distributed, is_loss_rank, world_rank,
+        all_gather_objects,
+        data_parallel_size,
+        init_distributed,
+        is_loss_rank,
+        world_rank,
     )
     from metaapo_nemo.models.hf_convert import model_config_from_hf
     from metaapo_nemo.models.policy import MegatronPolicy, OptimConfig

@@ -3,13 +3,14 @@ in every iteration, the same online pairs and meta-learner updates, the same hel
 the same final weights, with data parallelism (DP=2) and with pipeline parallelism (PP=2)."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+
+from tests.helpers import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 SHRUNK = ["task.sft_steps=40", "task.sft_examples=1024", "task.num_train_pairs=96", "task.num_eval_prompts=16",
@@ -21,11 +22,8 @@ def _run(out: Path, cache: Path, nproc: int, *extra: str) -> None:
     args = ["-m", "metaapo_nemo", "run", "--recipe", "tiny_cpu", f"output_dir={out}", f"task.cache_dir={cache}",
             *SHRUNK, *extra]
     if nproc > 1:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        args = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-                "--master-port", str(port), *args]
+        run_ranks(nproc, *args, timeout=600)
+        return
     proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

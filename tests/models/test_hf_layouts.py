@@ -9,19 +9,25 @@ reloads in transformers with the original logits. The test launches this file as
 (the `__main__` block), as tests/models/test_parallel.py does.
 """
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from metaapo_nemo.models.config import ModelConfig
-from metaapo_nemo.models.hf_convert import hf_config_from_model_config, model_config_from_hf
-from tests.helpers import spread_weights
+from metaapo_nemo.models.hf_convert import (
+    hf_config_from_model_config,
+    model_config_from_hf,
+)
+from tests.helpers import run_ranks, spread_weights
 
 REPO = Path(__file__).resolve().parents[2]
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -109,16 +115,7 @@ def test_the_tiny_layouts_features_move_the_logits(layout, without_the_feature):
 
 
 def test_layouts_load_compute_and_export_under_tensor_and_pipeline_parallelism(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-addr", "127.0.0.1", "--master-port", str(port), __file__, str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=240,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run = run_ranks(2, __file__, str(tmp_path), timeout=240)
     assert run.stdout.count("layouts agree") == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         f"{layout}-{split}" for layout in LAYOUTS for split in ("tp2", "pp2")

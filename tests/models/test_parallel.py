@@ -4,13 +4,11 @@
 The test launches this file as its own worker (the `__main__` block) so the ranks share nothing
 with the pytest process.
 """
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
+
+from tests.helpers import run_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 SIZES = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -19,16 +17,7 @@ PROMPT_LENS, LENGTHS = torch.tensor([2, 5, 3]), torch.tensor([9, 7, 4])
 
 
 def test_tensor_and_pipeline_parallel_ranks_reproduce_transformers():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-addr", "127.0.0.1", "--master-port", str(port), __file__],
-        env=env, capture_output=True, text=True, timeout=240,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run = run_ranks(2, __file__, timeout=240)
     assert run.stdout.count("ranks agree") == 2
 
 
@@ -37,7 +26,12 @@ def test_tensor_and_pipeline_parallel_ranks_reproduce_transformers():
 
 
 def _hf_models():
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     torch.manual_seed(0)  # same weights on every rank
     models = [LlamaForCausalLM(LlamaConfig(**SIZES)),
