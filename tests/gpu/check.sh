@@ -4,10 +4,13 @@
 # collectives on GPU tensors). Run from the repository root on the GPU machine:
 #   bash tests/gpu/check.sh            (about 3-5 minutes; writes to $OUT or /tmp/gpu_check)
 set -euo pipefail
+# The device machine has no internet: it uses its own CUDA torch, and the project's other packages
+# (megatron-core, transformers, tokenizers, safetensors, fastapi, uvicorn, httpx, rich, matplotlib,
+# pyarrow) must be there or travel as wheels (see the device tool's README: `.whl` + carry).
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
-python -m venv "$OUT/venv" && . "$OUT/venv/bin/activate"
-pip install -q -e '.[test]' > "$OUT/pip.log" 2>&1   # keeps the machine's CUDA torch if it has one
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+python -c "import torch, megatron.core, transformers, fastapi, uvicorn, httpx; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 python - <<'PY' 2>&1 | tee "$OUT/parity.txt"
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -30,6 +33,6 @@ with torch.no_grad():
 print("device", next(model.parameters()).device, "max |logit diff| vs transformers (GPU vs CPU):",
       (ours - ref).abs().max().item())
 PY
-OMP_NUM_THREADS=4 nemo llm metaapo --recipe tiny_cpu --yes output_dir="$OUT/run" task.cache_dir="$OUT/cache" \
+OMP_NUM_THREADS=4 python -m metaapo_nemo run --recipe tiny_cpu output_dir="$OUT/run" task.cache_dir="$OUT/cache" \
   task.sft_steps=100 task.num_train_pairs=192 algo.iterations=2 2>&1 | tail -n 8 | tee "$OUT/run.txt"
 python -c "import json; s=json.load(open('$OUT/run/summary.json')); print({k: s[k] for k in ('reward_initial','reward_final','annotation_ratio','seconds','tokens_per_second')})"
