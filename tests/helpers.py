@@ -1,6 +1,11 @@
 """Small things several test files share."""
 import torch
 
+# The embedded task and the loop shrunk so a whole run takes seconds (tests of the full pipeline).
+SHRUNK_TINY_CPU = ["task.sft_steps=40", "task.sft_examples=1024", "task.num_train_pairs=96", "task.num_eval_prompts=16",
+                   "task.warmup_dpo_steps=4", "algo.iterations=2", "algo.meta_interval=1", "trainer.global_batch_size=8",
+                   "trainer.micro_batch_size=4", "rollout.eval_samples=2"]
+
 
 def spread_weights(model: torch.nn.Module, seed: int, scale: float = 0.15, norm_scale: float = 0.1) -> torch.nn.Module:
     """HF's 0.02-std init gives near-uniform logits; wider weights make parity tests bite."""

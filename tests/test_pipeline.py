@@ -14,11 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers import SHRUNK_TINY_CPU
+
 ROOT = Path(__file__).resolve().parents[1]
 NEMO = Path(sys.executable).with_name("nemo")
-SHRUNK = ["task.sft_steps=40", "task.sft_examples=1024", "task.num_train_pairs=96", "task.num_eval_prompts=16",
-          "task.warmup_dpo_steps=4", "algo.iterations=2", "algo.meta_interval=1", "trainer.global_batch_size=8",
-          "trainer.micro_batch_size=4", "rollout.eval_samples=2"]
 
 
 def _env():
@@ -27,7 +26,7 @@ def _env():
 
 def _nemo(out_dir, cache, *extra):
     return [str(NEMO), "llm", "metaapo", "--recipe", "tiny_cpu", "--yes", f"output_dir={out_dir}",
-            f"task.cache_dir={cache}", *SHRUNK, *extra]
+            f"task.cache_dir={cache}", *SHRUNK_TINY_CPU, *extra]
 
 
 @pytest.fixture(scope="module")

@@ -10,17 +10,14 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.helpers import run_ranks
+from tests.helpers import SHRUNK_TINY_CPU, run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
-SHRUNK = ["task.sft_steps=40", "task.sft_examples=1024", "task.num_train_pairs=96", "task.num_eval_prompts=16",
-          "task.warmup_dpo_steps=4", "algo.iterations=2", "algo.meta_interval=1", "trainer.global_batch_size=8",
-          "trainer.micro_batch_size=4", "rollout.eval_samples=2"]
 
 
 def _run(out: Path, cache: Path, nproc: int, *extra: str) -> None:
     args = ["-m", "metaapo_nemo", "run", "--recipe", "tiny_cpu", f"output_dir={out}", f"task.cache_dir={cache}",
-            *SHRUNK, *extra]
+            *SHRUNK_TINY_CPU, *extra]
     if nproc > 1:
         run_ranks(nproc, *args, timeout=600)
         return
@@ -73,7 +70,7 @@ def test_nemo_local_torchrun_executor_runs_tiny_cpu_on_two_ranks(one_rank, cache
     out = tmp_path / "out"
     proc = subprocess.run(
         [str(NEMO), "llm", "metaapo", "--recipe", "tiny_cpu", "--yes", "run.executor=local_torchrun",
-         "run.executor.ntasks_per_node=2", f"output_dir={out}", f"task.cache_dir={cache}", *SHRUNK],
+         "run.executor.ntasks_per_node=2", f"output_dir={out}", f"task.cache_dir={cache}", *SHRUNK_TINY_CPU],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT), "NEMORUN_HOME": str(tmp_path / "nemo_run")})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
