@@ -41,6 +41,9 @@ Sequences = Sequence[tuple[list[int], list[int]]]  # (prompt ids, response ids)
 @dataclass
 class OptimConfig:
     lr: float
+    # "adam", or "sgd" (plain, momentum 0): tests compare parallel trajectories with it, because
+    # Adam's normalised step turns rounding-level gradient differences into lr-sized moves.
+    optimizer: str = "adam"
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     clip_grad: float = 1.0  # 0 disables
@@ -67,7 +70,7 @@ class MegatronPolicy:
         self.ddp = DistributedDataParallel(self.model.config, DistributedDataParallelConfig(), self.model)
         self.model.config.finalize_model_grads_func = finalize_model_grads
         self.optimizer = get_megatron_optimizer(OptimizerConfig(
-            optimizer="adam", lr=optim.lr, weight_decay=optim.weight_decay, adam_beta1=optim.betas[0],
+            optimizer=optim.optimizer, sgd_momentum=0.0, lr=optim.lr, weight_decay=optim.weight_decay, adam_beta1=optim.betas[0],
             adam_beta2=optim.betas[1], clip_grad=optim.clip_grad), [self.ddp])
 
     def _autocast(self, device: torch.device):
