@@ -22,7 +22,11 @@ class PolicyConfig:
     warmup_steps: int = 0  # linear learning-rate warm-up, in optimiser steps, restarted each iteration
     max_prompt_length: int = 2048  # prompts are left-truncated to this many tokens
     max_length: int = 4096  # prompt + response tokens in training; responses are cut beyond it
-    bf16: bool = False  # bf16 autocast for the policy and reference forward/backward
+    # bf16 for the policy and reference. On CUDA: Megatron mixed precision, bf16 weights with fp32
+    # main gradients and fp32 main weights in the optimizer; the frozen reference holds bf16 weights
+    # only. On CPU: fp32 weights with bf16 autocast (Megatron's mixed-precision optimizers take
+    # CUDA tensors only).
+    bf16: bool = False
 
 
 @dataclass
@@ -77,6 +81,9 @@ class RolloutConfig:
     max_new_tokens: int = 2048
     eval_samples: int = 1  # policy samples per held-out prompt for the reward evaluation
     eval_temperature: float = 1.0
+    # torch engine: rows (prompts x K) decoded together. Its own-token KV cache takes layers x 2 x rows
+    # x kv_heads x max_new_tokens x head_dim x 2 B in bf16: 17 GB for Llama-3.1-8B at 64 rows x 2048.
+    max_batch_size: int = 256
 
 
 @dataclass
@@ -88,6 +95,17 @@ class TrainerConfig:
     epochs_per_iteration: int = 1  # passes over an iteration's training set
     num_threads: Optional[int] = None  # torch intra-op threads; None: torch's default
     log_every: int = 1  # optimiser steps between metric lines on the console
+    # Megatron's distributed optimizer: the fp32 main weights and Adam state (12 B/param) are sharded
+    # over the data-parallel ranks instead of replicated (ZeRO-1). CUDA only.
+    use_distributed_optimizer: bool = False
+    # Activation recomputation (Megatron's TransformerConfig fields of the same names). None: keep
+    # every activation; "full": keep each recompute unit's input only and recompute the unit in the
+    # backward pass, units set by recompute_method "uniform" (recompute_num_layers layers per unit)
+    # or "block" (the first recompute_num_layers layers of each pipeline stage); "selective":
+    # recompute core attention only (method and layer count unset). CUDA only.
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None
+    recompute_num_layers: Optional[int] = None
 
 
 @dataclass
@@ -137,26 +155,46 @@ class MetaAPOConfig:
             "algo.meta_interval": self.algo.meta_interval, "trainer.global_batch_size": self.trainer.global_batch_size,
             "trainer.micro_batch_size": self.trainer.micro_batch_size, "rollout.max_new_tokens": self.rollout.max_new_tokens,
             "trainer.epochs_per_iteration": self.trainer.epochs_per_iteration,
+            "rollout.max_batch_size": self.rollout.max_batch_size,
         }
         problems += [f"{k}={v}: must be a positive integer" for k, v in positive.items() if not (isinstance(v, int) and v > 0)]
         if self.trainer.global_batch_size % self.trainer.micro_batch_size:
             problems.append(f"trainer.global_batch_size={self.trainer.global_batch_size} must be a multiple of "
                             f"trainer.micro_batch_size={self.trainer.micro_batch_size}")
+        if isinstance(self.rollout.max_batch_size, int) and self.rollout.max_batch_size < self.algo.num_samples:
+            problems.append(f"rollout.max_batch_size={self.rollout.max_batch_size} must be >= algo.num_samples="
+                            f"{self.algo.num_samples}: a prompt's K samples decode together")
         if self.algo.num_samples < 2:
             problems.append("algo.num_samples must be >= 2: the online pair is the best and worst of K samples")
         if self.algo.beta <= 0:
             problems.append(f"algo.beta={self.algo.beta}: must be > 0")
         if not 0 <= self.algo.label_smoothing < 0.5:
             problems.append(f"algo.label_smoothing={self.algo.label_smoothing}: must be in [0, 0.5)")
+        t = self.trainer
+        if t.recompute_granularity == "full":
+            if t.recompute_method not in ("uniform", "block") or not (isinstance(t.recompute_num_layers, int)
+                                                                    and t.recompute_num_layers > 0):
+                problems.append("trainer.recompute_granularity=full needs trainer.recompute_method=uniform|block and "
+                                f"trainer.recompute_num_layers=N > 0 (got {t.recompute_method!r}, {t.recompute_num_layers!r})")
+        elif t.recompute_granularity == "selective":
+            if t.recompute_method is not None or t.recompute_num_layers is not None:
+                problems.append("trainer.recompute_granularity=selective recomputes core attention only: leave "
+                                "trainer.recompute_method and trainer.recompute_num_layers unset (None)")
+        elif t.recompute_granularity is not None:
+            problems.append(f"trainer.recompute_granularity={t.recompute_granularity!r}: use None, 'selective' or 'full'")
+        if not isinstance(t.use_distributed_optimizer, bool):
+            problems.append(f"trainer.use_distributed_optimizer={t.use_distributed_optimizer!r}: use true or false")
         if not 0 < self.rollout.top_p <= 1:
             problems.append(f"rollout.top_p={self.rollout.top_p}: must be in (0, 1]")
         if self.rollout.temperature <= 0:
             problems.append(f"rollout.temperature={self.rollout.temperature}: must be > 0")
         if self.rollout.engine == "trtllm":
-            problems.append("rollout.engine=trtllm: the TensorRT-LLM engine is not in this release yet; "
-                            "use rollout.engine=torch")
+            from metaapo_nemo.rollout.trtllm_engine import trtllm_unavailable_reason
+
+            if (reason := trtllm_unavailable_reason()) is not None:
+                problems.append(f"rollout.engine=trtllm: {reason}")
         elif self.rollout.engine != "torch":
-            problems.append(f"rollout.engine={self.rollout.engine!r}: use 'torch'")
+            problems.append(f"rollout.engine={self.rollout.engine!r}: use 'torch' or 'trtllm'")
         if not self.task.enabled:
             if self.policy.hf_path is None:
                 problems.append("policy.hf_path is not set: give a Hugging Face checkpoint folder (or use --recipe tiny_cpu)")

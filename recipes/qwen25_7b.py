@@ -1,17 +1,31 @@
-"""qwen25_7b: the paper's Qwen2.5 setting (FuseAI/FuseChat-Qwen-2.5-7B-SFT): the Llama recipe's
-hyper-parameters with the Qwen sampling temperature 0.8 and top-p 0.95 (METAAPO.md).
+"""qwen25_7b: the paper's Qwen2.5 setting: the Llama recipe's hyper-parameters with the Qwen sampling
+temperature 0.8 and top-p 0.95 (METAAPO.md).
+
+Policy: a DPO warm-up of FuseAI/FuseChat-Qwen-2.5-7B-SFT (policy.hf_path); reference: the SFT model
+itself (reference.hf_path; unset, the reference is the policy's start). Data, reward and the CUDA
+requirement as in llama31_8b.
 
 Layout on 8x80 GB nodes: TP=4, PP=2, one model replica per node, data parallel over nodes. TP must
 divide Qwen2.5-7B's 28 attention heads and 4 KV heads, so TP=8 (the Llama layout) is impossible and
-TP=4 is the largest. Memory per GPU (7.62B parameters, 18 B/param of policy state as in llama31_8b):
-  policy state 137.2 GB / (TP 4 x PP 2) = 17.1 GB; reference bf16 15.2 GB / 8 = 1.9 GB;
-  rollout engine bf16, TP 4 with every layer (PP is dropped for inference) 15.2 GB / 4 = 3.8 GB;
-  activations (4 x 4096 tokens, hidden 3584, 28 layers, 34 bytes per token per hidden unit per
-  layer) / TP 4 = 14.0 GB, held by the first stage for 2 micro-batches in flight over half the
-  layers, so about the same;
-  together about 37 GB, leaving about 40 GB for the KV cache (56 KiB per token, 14 KiB per GPU).
-  TP=4 with PP=1 would need 34 GB of policy state and 14 GB of activations per GPU, about 56 GB,
-  leaving ~20 GB of KV cache; PP=2 halves the state and keeps the model-parallel group on one node.
+TP=4 is the largest; PP=2 halves the per-GPU state and keeps the model-parallel group on one node.
+
+Memory per GPU (launch/plan.py, the formulas of llama31_8b; GB = 1e9 B). P = 7.62B parameters (28
+layers of 233.1M, embedding and LM head 545.0M each, untied); a stage holds 14 layers plus the
+embedding (first) or the LM head (last), 3.81B, N = 3.81B / TP 4 = 0.952B per GPU.
+  policy      6 B x N = 5.71 (bf16 weights, fp32 main grads); 12 B x N / DP = 11.42 on one node,
+              5.71 on two (distributed optimizer)
+  reference   2 B x N = 1.90
+  rollout engine weights: the whole model on every rank, as in llama31_8b, 2 B x P = 15.23
+  activations, T = 16384 tokens per micro-batch as in llama31_8b; per token and layer
+              A = 2 x (4 x 3584 + (2 x 3584 + 2 x 512 + 4 x 18944) / 4) = 70656 B.
+              Without recompute the first stage holds 2 micro-batches in flight (1F1B):
+              14 x T x A x 2 = 32.41, total 66.7 GB, leaving 13.3 GB.
+              With full recompute, uniform, 1 layer per unit (this recipe) the last stage needs most:
+              14 x T x 2 B x 3584 = 1.64 kept + T x A = 1.16 recomputed + logits
+              T x 152064 / 4 x 6 B = 3.74, together 6.54.
+  total on one node 40.81 GB of 80 (the last stage), leaving 39.2 GB for CUDA context, NCCL buffers
+  and the KV cache (2 x 28 x 4 KV heads x 128 x 2 B = 56 KiB per token: about 680k tokens).
+  Recompute triples the KV cache's room, as in llama31_8b.
 """
 from metaapo_nemo.config import MetaAPOConfig
 from metaapo_nemo.recipes.llama31_8b import recipe as llama31_8b

@@ -54,3 +54,35 @@ def test_bring_your_own_run_requires_checkpoint_data_and_reward():
     text = str(info.value)
     for key in ("policy.hf_path", "data.train", "data.eval", "reward.url"):
         assert key in text
+
+
+@pytest.mark.parametrize("name", ["llama31_8b", "qwen25_7b"])
+def test_gpu_recipes_validate_once_the_user_gives_paths_and_use_bf16_sharding_and_recompute(name):
+    config = get_recipe(name)
+    assert config.rollout.engine == "trtllm" and config.policy.bf16 and config.trainer.use_distributed_optimizer
+    assert (config.trainer.recompute_granularity, config.trainer.recompute_method,
+            config.trainer.recompute_num_layers) == ("full", "uniform", 1)
+    apply_overrides(config, ["policy.hf_path=/m/policy", "reference.hf_path=/m/sft", "data.train=/d/train.jsonl",
+                             "data.eval=/d/eval.jsonl", "reward.url=http://rm:5000"])
+    try:
+        config.validate()
+    except ConfigError as e:  # where tensorrt_llm is absent the engine is the only thing refused
+        problems = str(e).splitlines()[1:]
+        assert problems and all(p.startswith("  - rollout.engine=trtllm") for p in problems), str(e)
+    apply_overrides(config, ["rollout.engine=torch"])
+    config.validate()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["trainer.recompute_granularity=fulll"], "use None, 'selective' or 'full'"),
+    (["trainer.recompute_granularity=full"], "needs trainer.recompute_method=uniform|block"),
+    (["trainer.recompute_granularity=full", "trainer.recompute_method=uniform", "trainer.recompute_num_layers=0"],
+     "trainer.recompute_num_layers=N > 0"),
+    (["trainer.recompute_granularity=selective", "trainer.recompute_num_layers=1"], "leave trainer.recompute_method"),
+    (["trainer.use_distributed_optimizer=yes"], "trainer.use_distributed_optimizer='yes': use true or false"),
+])
+def test_bad_recompute_and_optimizer_settings_say_what_to_set(overrides, message):
+    config = get_recipe("tiny_cpu")
+    apply_overrides(config, overrides)
+    with pytest.raises(ConfigError, match=message.replace("|", r"\|").replace("(", r"\(")):
+        config.validate()

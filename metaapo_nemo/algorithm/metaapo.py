@@ -19,7 +19,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -83,6 +83,10 @@ class MetaAPORun:
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
+        from metaapo_nemo.launch.plan import require_gpus
+
+        # Before anything loads: a GPU-sized run on a machine without GPUs stops here, in one line.
+        require_gpus(self.config, torch.cuda.is_available())
         from transformers import AutoTokenizer
 
         from metaapo_nemo.data.batching import encode_prompt
@@ -92,7 +96,7 @@ class MetaAPORun:
         from metaapo_nemo.models.hf_convert import load_hf_checkpoint
         from metaapo_nemo.models.policy import MegatronPolicy, OptimConfig
         from metaapo_nemo.reward.client import RewardClient
-        from metaapo_nemo.rollout.torch_engine import TorchEngine
+        from metaapo_nemo.rollout.engine import build_engine
 
         c = self.config
         if c.trainer.num_threads:
@@ -131,17 +135,30 @@ class MetaAPORun:
                              f"{c.policy.hf_path}: the reference must be the policy's SFT ancestor")
         self.model_cfg = model_cfg
         p = c.policy
-        self.policy = MegatronPolicy(model_cfg, policy_weights, pad_id=self.tokenizer.pad_token_id, bf16=p.bf16,
+        t = c.trainer
+        # Megatron's mixed-precision optimizers take CUDA tensors only: on CPU bf16 means autocast.
+        precision = ("bf16" if torch.cuda.is_available() else "bf16-autocast") if p.bf16 else "fp32"
+        self.policy = MegatronPolicy(model_cfg, policy_weights, pad_id=self.tokenizer.pad_token_id, precision=precision,
                                      optim=OptimConfig(lr=p.lr, weight_decay=p.weight_decay, betas=(p.adam_beta1, p.adam_beta2),
-                                                       clip_grad=p.clip_grad, warmup_steps=p.warmup_steps))
-        self.reference = (MegatronPolicy(model_cfg, ref_weights, pad_id=self.tokenizer.pad_token_id, bf16=p.bf16)
+                                                       clip_grad=p.clip_grad, warmup_steps=p.warmup_steps),
+                                     distributed_optimizer=t.use_distributed_optimizer,
+                                     recompute_granularity=t.recompute_granularity, recompute_method=t.recompute_method,
+                                     recompute_num_layers=t.recompute_num_layers)
+        self.reference = (MegatronPolicy(model_cfg, ref_weights, pad_id=self.tokenizer.pad_token_id, precision=precision)
                           if self.objective.needs_reference else None)
         del policy_weights, ref_weights
         self.meta = MetaLearner()
         self.meta_optimizer = make_meta_optimizer(self.meta, lr=c.algo.meta_lr, weight_decay=c.algo.meta_weight_decay)
         self.meta_buffer = MetaBuffer()
 
-        self.engine = TorchEngine(model_cfg, eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
+        # One engine per rank, holding the whole model on this rank's GPU (8B in bf16 is 16 GB): every
+        # rank samples its own share of the selected prompts, so engines do not span ranks.
+        on_gpu = torch.cuda.is_available()
+        self.engine = build_engine(c.rollout.engine, model_cfg, self.tokenizer, max_prompt_length=p.max_prompt_length,
+                                   max_new_tokens=c.rollout.max_new_tokens, tensor_parallel_size=1,
+                                   device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else None,
+                                   dtype=torch.bfloat16 if on_gpu and p.bf16 else None,
+                                   max_batch_size=c.rollout.max_batch_size)
 
         self.reward_server = None
         urls = _reward_urls(c.reward.url)
@@ -312,6 +329,8 @@ class MetaAPORun:
         mine = chosen[world_rank()::world_size()]
         local = self._sample_and_annotate(t, mine) if mine else {"pairs": {}, "ties": 0, "rewards": [], "gaps": [],
                                                                  "tokens": 0, "sampling": 0.0, "annotation": 0.0}
+        if release := getattr(self.engine, "release", None):
+            release()  # the engine's GPU memory goes back to training
         parts = all_gather_objects(local)
         pairs = {pid: pair for part in parts for pid, pair in part["pairs"].items()}
         for e in chosen:
@@ -480,6 +499,8 @@ class MetaAPORun:
             prompts = [self.eval_prompts[i] for i in mine for _ in range(c.rollout.eval_samples)]
             rewards = self.reward.score(prompts, texts)
             lengths = [len(r) for rs in samples for r in rs]
+        if release := getattr(self.engine, "release", None):
+            release()
         parts = all_gather_objects((rewards, lengths))
         rewards = [r for part in parts for r in part[0]]
         lengths = [n for part in parts for n in part[1]]
@@ -521,57 +542,107 @@ class MetaAPORun:
         return self.out / "checkpoints"
 
     def _save_checkpoint(self) -> None:
-        """checkpoints/iter_N/: rank_R.pt per rank (its model shard, optimizer, meta buffer, RNG) and
-        common.pt (meta-learner, its optimizer, counters) from rank 0. Files are written under a
-        temporary name and renamed, and `latest` moves only when every rank has written: a crash
-        never leaves half a checkpoint in use."""
-        s, directory = self.state, self._checkpoint_dir() / f"iter_{self.state.iteration}"
-        directory.mkdir(parents=True, exist_ok=True)
-        rank_state = {
-            "policy": self.policy.state_dict(),
-            "reference": self.reference.state_dict() if (self.reference is not None and self.config.reference.roll_forward) else None,
-            "meta_buffer": self.meta_buffer.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-        }
-        _atomic_save(rank_state, directory / f"rank_{world_rank()}.pt")
+        """checkpoints/iter_N/: policy/, the policy and its optimizer in Megatron's distributed
+        format (every rank writes its shards), and run_state.pt from rank 0 (see _run_state). The
+        reference is not saved: it reloads from its HF path, and under reference.roll_forward the
+        resumed iteration replaces it with the policy before using it. Written as iter_N.tmp and
+        renamed once every rank is done; `latest` moves after that and older checkpoints go last, so
+        a crash never leaves half a checkpoint in use."""
+        root = self._checkpoint_dir()
+        directory = root / f"iter_{self.state.iteration}"
+        tmp = root / f"{directory.name}.tmp"
         if self.rank0:
-            _atomic_save({"meta": self.meta.state_dict(), "meta_optimizer": self.meta_optimizer.state_dict(),
-                          "run_state": s.__dict__, "world_size": world_size()}, directory / "common.pt")
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a run that died while saving
+            (tmp / "policy").mkdir(parents=True)
+        barrier()
+        self.policy.save_checkpoint(tmp / "policy")
+        run_state = self._run_state()
+        if self.rank0:
+            torch.save(run_state, tmp / "run_state.pt")
         barrier()
         if self.rank0:
-            _atomic_write(self._checkpoint_dir() / "latest", directory.name)
-            for old in self._checkpoint_dir().glob("iter_*"):
+            shutil.rmtree(directory, ignore_errors=True)  # renamed by a run that died before `latest` moved
+            os.replace(tmp, directory)
+            _atomic_write(root / "latest", directory.name)
+            for old in root.glob("iter_*"):
                 if old.name != directory.name:
                     shutil.rmtree(old)
             _atomic_write(self.out / "summary.json", json.dumps(self._summary(finished=False), indent=2))
         barrier()
+
+    def _layout(self) -> dict:
+        t = self.config.trainer
+        return {"tensor": t.tensor_model_parallel_size, "pipeline": t.pipeline_model_parallel_size,
+                "data": data_parallel_size()}
+
+    def _run_state(self) -> dict:
+        """Everything but the models, on rank 0, as plain tensors, numbers, lists and dicts
+        (torch.load(weights_only=True) reads it): the layout it was saved under, the counters, the
+        meta-learner and its optimizer, every rank's meta buffer (global rank order) and every
+        rank's RNG states (keyed by global rank). Collective (gathers over WORLD)."""
+        rank_parts = all_gather_objects({"meta_buffer": self.meta_buffer.state_dict(), "rng": _rng_state()})
+        return {"layout": self._layout(), "run_state": asdict(self.state), "meta": self.meta.state_dict(),
+                "meta_optimizer": self.meta_optimizer.state_dict(),
+                "meta_buffers": [part["meta_buffer"] for part in rank_parts],
+                "rng": {rank: part["rng"] for rank, part in enumerate(rank_parts)}}
 
     def _load_checkpoint(self) -> bool:
         latest = self._checkpoint_dir() / "latest"
         if not latest.exists():
             return False
         directory = self._checkpoint_dir() / latest.read_text().strip()
-        common = torch.load(directory / "common.pt", weights_only=False)
-        if common["world_size"] != world_size():
-            raise RuntimeError(f"{directory} was written by {common['world_size']} ranks but this run has {world_size()}; "
-                               "resume with the same number of ranks and parallel sizes, or use a new output_dir")
-        state = torch.load(directory / f"rank_{world_rank()}.pt", weights_only=False)
-        self.policy.load_state_dict(state["policy"])
-        if state["reference"] is not None and self.reference is not None:
-            self.reference.load_state_dict(state["reference"])
-        self.meta.load_state_dict(common["meta"])
-        self.meta_optimizer.load_state_dict(common["meta_optimizer"])
-        self.meta_buffer.load_state_dict(state["meta_buffer"])
+        if not (directory / "run_state.pt").exists():
+            raise RuntimeError(f"{directory} is not a checkpoint of this release (it has per-rank files, not "
+                               "run_state.pt and policy/): finish that run with the release that wrote it, "
+                               "or use a new output_dir")
+        saved = torch.load(directory / "run_state.pt", weights_only=True)
+        layout = self._layout()
+        if saved["layout"] != layout:
+            self.console.log("resharding from " + _layout_text(saved["layout"]) + " to " + _layout_text(layout))
+        self.policy.load_checkpoint(directory / "policy")
+        self.meta.load_state_dict(saved["meta"])
+        self.meta_optimizer.load_state_dict(saved["meta_optimizer"])
+        # Same world size: every rank gets its own buffer and RNG back, as if never stopped. Otherwise
+        # rank 0 holds all buffered pairs (meta_step_on_rank0 joins the buffers there anyway, so the
+        # next Eq. 6 step sees the same pairs) and every rank continues from rank 0's RNG state.
+        same_world = len(saved["rng"]) == world_size()
+        if same_world:
+            self.meta_buffer.load_state_dict(saved["meta_buffers"][world_rank()])
+        elif self.rank0:
+            self.meta_buffer.load_state_dict(_joined_meta_buffers(saved["meta_buffers"]))
         prepare = self.state.seconds["prepare"]
-        self.state = RunState(**common["run_state"])
+        self.state = RunState(**saved["run_state"])
         self.state.seconds["total_before_resume"] = self.state.seconds.get("total_before_resume", 0.0) + \
             sum(v for k, v in self.state.seconds.items() if k not in ("total_before_resume", "prepare"))
         self.state.seconds["prepare"] += prepare
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
+        _set_rng_state(saved["rng"][world_rank() if same_world else 0])
+        if not same_world:
+            self.console.log(f"RNG: rank 0's state on every rank (saved by {len(saved['rng'])} ranks, "
+                             f"resumed by {world_size()})")
         self.metrics.truncate_after(self.state.iteration)
         self.console.log(f"resumed from {directory} after iteration {self.state.iteration}")
         return True
+
+
+def _layout_text(layout: dict) -> str:
+    return f"TP={layout['tensor']} PP={layout['pipeline']} DP={layout['data']}"
+
+
+def _rng_state() -> dict:
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss_next]}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def _joined_meta_buffers(parts: list[dict]) -> dict:
+    """The MetaBuffer state holding every part's pairs, in the order given."""
+    joined = {k: torch.cat([p[k] for p in parts]) for k in ("score_off", "loss_off", "loss_on")}
+    return {**joined, "num_steps": max(p["num_steps"] for p in parts)}
 
 
 def meta_step_on_rank0(meta: MetaLearner, optimizer, buffer: MetaBuffer) -> dict | None:
@@ -622,12 +693,6 @@ def _reward_urls(url) -> list[str]:
         else:
             url = [u.strip() for u in text.split(",") if u.strip()]
     return [str(u) for u in url]
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _atomic_write(path: Path, text: str) -> None:

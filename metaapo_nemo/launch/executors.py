@@ -27,7 +27,7 @@ from metaapo_nemo.recipes import RECIPES
 # An NGC release image carrying TensorRT-LLM (tags are x.y.z, e.g. 1.0.0, or x.y.zrcN). It is the
 # base of containers/Dockerfile, not a runnable image for this job: it lacks metaapo-nemo, megatron-core
 # and nemo-run. A real submission with it is refused (check_submission); dry runs note it.
-DEFAULT_CONTAINER_IMAGE = "nvcr.io/nvidia/tensorrt-llm/release:1.0.0"
+DEFAULT_CONTAINER_IMAGE = "nvcr.io/nvidia/tensorrt-llm/release:1.2.0"
 GPUS_PER_NODE = 8
 
 

@@ -47,8 +47,16 @@ class RecipeRunContext(run.cli.RunContext):
         if self.executor is None or self.repl or any([self.to_yaml, self.to_toml, self.to_json]):
             if self.reward_nodes:
                 raise run.cli.api.RunContextError("run.reward_nodes needs run.executor=slurm")
-            return super()._execute_task(fn, task_args)
-        executors.launch(self, self.parse_fn(fn, task_args))
+            super()._execute_task(fn, task_args)
+        else:
+            executors.launch(self, self.parse_fn(fn, task_args))
+        if self.dryrun:  # NeMo-Run has shown the configuration (and the scripts); add what it will take
+            from metaapo_nemo.launch.plan import describe_plan
+            from metaapo_nemo.launch.slurm import config_from_partial
+
+            recipe = self.factory if isinstance(self.factory, str) else None
+            print(describe_plan(config_from_partial(self.parse_fn(fn, task_args)), recipe=recipe,
+                                executor=self.executor))
 
 
 def metaapo(
@@ -69,6 +77,11 @@ def metaapo(
     config = C.MetaAPOConfig(output_dir=output_dir, seed=seed,
                              **{k: v for k, v in sections.items() if v is not None})
     config.validate()
+    import torch
+
+    from metaapo_nemo.launch.plan import require_gpus
+
+    require_gpus(config, torch.cuda.is_available())  # before megatron and the models load
     from metaapo_nemo.algorithm.metaapo import run_metaapo
 
     run_metaapo(config)

@@ -2,9 +2,9 @@
 
 Scope: the code paths this project uses - GPTModel forward/backward under TP/PP on gloo, the
 forward-backward schedules with their p2p communication, DDP and the (non-distributed) Megatron
-optimizer with gradient clipping. Each patch names the megatron line it works around. Nothing
-here runs when CUDA is available: `apply_cpu_patches` is then a no-op and
-`seed_model_parallel_rng` is Megatron's own `model_parallel_cuda_manual_seed`.
+optimizer with gradient clipping, distributed checkpoints (torch_dist). Each patch names the
+megatron line it works around. Nothing here runs when CUDA is available: `apply_cpu_patches` is
+then a no-op and `seed_model_parallel_rng` is Megatron's own `model_parallel_cuda_manual_seed`.
 """
 from __future__ import annotations
 
@@ -79,6 +79,11 @@ _MODULES_SEEING_CPU_TORCH = {
     "megatron.core.optimizer.clip_grads",
     # Bucket buffers on torch.cuda.current_device() (l.783-806).
     "megatron.core.distributed.param_and_grad_buffer",
+    # Distributed checkpoints (torch_dist): torch.cuda.synchronize after staging the tensors to
+    # be written (FileSystemWriterAsync.preload_tensors, l.230) ...
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    # ... and the write-failure flag broadcast on torch.cuda.current_device() (l.252).
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
 }
 
 

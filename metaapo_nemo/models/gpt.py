@@ -99,8 +99,20 @@ def llama_layer_spec() -> ModuleSpec:
     return spec
 
 
-def transformer_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> TransformerConfig:
-    """Megatron's TransformerConfig for a Llama / Qwen2 decoder, sized for the current TP/PP."""
+def transformer_config(
+    cfg: ModelConfig,
+    dtype: torch.dtype = torch.float32,
+    *,
+    recompute_granularity: Optional[str] = None,
+    recompute_method: Optional[str] = None,
+    recompute_num_layers: Optional[int] = None,
+) -> TransformerConfig:
+    """Megatron's TransformerConfig for a Llama / Qwen2 decoder, sized for the current TP/PP.
+
+    dtype: the parameters' dtype (bf16 for Megatron mixed precision: the optimizer then keeps fp32
+    main weights). recompute_*: Megatron's activation recomputation, fields of the same names
+    ("full" with "uniform" | "block" and a layer count, or "selective"; None keeps every activation).
+    """
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     return TransformerConfig(
@@ -132,6 +144,9 @@ def transformer_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> 
         bf16=dtype == torch.bfloat16,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        recompute_granularity=recompute_granularity,
+        recompute_method=recompute_method,
+        recompute_num_layers=recompute_num_layers,
     )
 
 
@@ -163,18 +178,23 @@ def build_gpt_model(
     pre_process: bool = True,
     post_process: bool = True,
     dtype: torch.dtype = torch.float32,
+    recompute_granularity: Optional[str] = None,
+    recompute_method: Optional[str] = None,
+    recompute_num_layers: Optional[int] = None,
 ) -> GPTModel:
     """This rank's part of a Llama / Qwen2 decoder (call after `init_distributed`).
 
     pre_process / post_process: whether this pipeline stage holds the embedding / the final norm
     and LM head (first / last stage; both for PP=1). The LM head is left tensor-parallel
-    (parallel_output=True): log-probs go through vocab_parallel_cross_entropy.
+    (parallel_output=True): log-probs go through vocab_parallel_cross_entropy. dtype and
+    recompute_*: as in `transformer_config`.
     """
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     _check_divisible(cfg, tp, pp)
     model = GPTModel(
-        config=transformer_config(cfg, dtype),
+        config=transformer_config(cfg, dtype, recompute_granularity=recompute_granularity,
+                                  recompute_method=recompute_method, recompute_num_layers=recompute_num_layers),
         transformer_layer_spec=llama_layer_spec(),
         vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.max_position_embeddings,

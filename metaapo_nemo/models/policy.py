@@ -9,7 +9,9 @@ model-parallel ranks). A single CPU process is the case TP = PP = DP = 1 of the 
 
 Where ranks talk: the schedule's p2p between stages; DDP's all-reduce in finalize_model_grads;
 `score` broadcasts log-probs from the last stage (all-reduce over WORLD, one writer per pair);
-`train_step` gathers the loss statistics from the loss-computing ranks (all_gather_object).
+`train_step` gathers the loss statistics from the loss-computing ranks (all_gather_object);
+`save_checkpoint` / `load_checkpoint` plan the reads and writes of every rank's shards together
+(Megatron's dist_checkpointing over torch.distributed.checkpoint).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
-from megatron.core import parallel_state as ps
+from megatron.core import dist_checkpointing, parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -54,10 +56,23 @@ class OptimConfig:
 
 class MegatronPolicy:
     def __init__(self, cfg: ModelConfig, hf_state_dict, *, pad_id: int, optim: OptimConfig | None = None,
-                 bf16: bool = False):
-        self.cfg, self.pad_id, self.bf16, self.optim = cfg, pad_id, bf16, optim
+                 precision: str = "fp32", distributed_optimizer: bool = False,
+                 recompute_granularity: str | None = None, recompute_method: str | None = None,
+                 recompute_num_layers: int | None = None):
+        """precision: "fp32"; "bf16", Megatron mixed precision: bf16 weights, and for the trained
+        policy fp32 main gradients (reduced in fp32) and fp32 main weights kept by the optimizer;
+        "bf16-autocast": fp32 weights with bf16 autocast (the CPU choice: the Megatron mixed-precision
+        optimizers accept only CUDA tensors). distributed_optimizer: Megatron's distributed
+        optimizer, main weights and Adam state sharded over data-parallel ranks (CUDA only).
+        recompute_*: activation recomputation, as in models.gpt.transformer_config."""
+        if precision not in ("fp32", "bf16", "bf16-autocast"):
+            raise ValueError(f"precision={precision!r}: use 'fp32', 'bf16' or 'bf16-autocast'")
+        self.cfg, self.pad_id, self.precision, self.optim = cfg, pad_id, precision, optim
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.model = build_gpt_model(cfg, pre_process=ps.is_pipeline_first_stage(),
-                                     post_process=ps.is_pipeline_last_stage())
+                                     post_process=ps.is_pipeline_last_stage(), dtype=dtype,
+                                     recompute_granularity=recompute_granularity, recompute_method=recompute_method,
+                                     recompute_num_layers=recompute_num_layers)
         self.model.config.variable_seq_lengths = True  # micro-batches differ in length: stages exchange shapes
         if hf_state_dict is not None:  # None: megatron's own random initialisation
             load_hf_into_model(self.model, cfg, hf_state_dict)
@@ -67,14 +82,19 @@ class MegatronPolicy:
             self.model.requires_grad_(False)
             self.ddp = self.optimizer = None
             return
-        self.ddp = DistributedDataParallel(self.model.config, DistributedDataParallelConfig(), self.model)
+        mixed = precision == "bf16"
+        self.ddp = DistributedDataParallel(self.model.config, DistributedDataParallelConfig(
+            grad_reduce_in_fp32=mixed, use_distributed_optimizer=distributed_optimizer), self.model)
         self.model.config.finalize_model_grads_func = finalize_model_grads
         self.optimizer = get_megatron_optimizer(OptimizerConfig(
             optimizer=optim.optimizer, sgd_momentum=0.0, lr=optim.lr, weight_decay=optim.weight_decay, adam_beta1=optim.betas[0],
-            adam_beta2=optim.betas[1], clip_grad=optim.clip_grad), [self.ddp])
+            adam_beta2=optim.betas[1], clip_grad=optim.clip_grad, bf16=mixed, params_dtype=dtype,
+            use_distributed_optimizer=distributed_optimizer), [self.ddp])
 
     def _autocast(self, device: torch.device):
-        return torch.autocast(device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        if self.precision == "bf16-autocast":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def _stage_forward(self, model, batch: SequenceBatch):
         """This stage's part of log pi(y|x): hidden states to pass on, or (logp_sum, ntok) on the last
@@ -199,14 +219,38 @@ class MegatronPolicy:
     def load_hf_state_dict(self, hf_state_dict) -> None:
         load_hf_into_model(self.model, self.cfg, hf_state_dict)
 
-    def state_dict(self) -> dict:
-        """This rank's shard of the model and its optimizer state (checkpoints are per rank)."""
-        return {"model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict() if self.optimizer else None,
-                "steps_since_reset": self.steps_since_reset}
+    def sharded_state_dict(self, is_loading: bool = False, with_optimizer: bool = True) -> dict:
+        """The model and its optimizer state as Megatron ShardedTensors (each names the slice of
+        the full tensor this rank holds, so a checkpoint written under one TP/PP/DP layout loads
+        under another), and the schedule position. is_loading: the optimizer's state is allocated
+        first, to be loaded into; with_optimizer=False leaves the optimizer out."""
+        # The distributed optimizer keeps Adam state in flat buffers laid out for one DP size;
+        # "fully_reshardable" writes it per parameter, as the other Megatron optimizers always do.
+        # No key prefix for a ChainedOptimizer: the keys do not depend on how the optimizer is split.
+        metadata = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+        model = self.model.sharded_state_dict(metadata=metadata)
+        state = {"model": model, "steps_since_reset": self.steps_since_reset}
+        if self.optimizer is not None and with_optimizer:
+            state["optimizer"] = self.optimizer.sharded_state_dict(model, is_loading=is_loading, metadata=metadata)
+        return state
 
-    def load_state_dict(self, state: dict) -> None:
+    def save_checkpoint(self, directory) -> None:
+        """Write sharded_state_dict() to the existing, empty `directory` in Megatron's distributed
+        checkpoint format (torch_dist): each rank writes the shards it is the main replica of.
+        Collective: every rank must call it."""
+        dist_checkpointing.save(self.sharded_state_dict(), str(directory))
+
+    def load_checkpoint(self, directory) -> None:
+        """Load what save_checkpoint wrote, resharded to this run's layout. Collective."""
+        # Saved before the first optimiser step (an iteration with nothing to train on) or with a
+        # stateless optimizer: no moments were written, and the saving run's optimizer was as fresh
+        # as this one, its main weights a copy of the model's.
+        stepped = any(k.startswith("optimizer.state.exp_avg.")
+                      for k in dist_checkpointing.load_tensors_metadata(str(directory)))
+        state = dist_checkpointing.load(self.sharded_state_dict(is_loading=True, with_optimizer=stepped), str(directory))
         self.model.load_state_dict(state["model"])
-        if self.optimizer is not None and state["optimizer"] is not None:
+        if self.optimizer is not None and stepped:
             self.optimizer.load_state_dict(state["optimizer"])
-        self.steps_since_reset = state["steps_since_reset"]
+        elif self.optimizer is not None:
+            self.optimizer.reload_model_params()
+        self.steps_since_reset = int(state["steps_since_reset"])

@@ -12,6 +12,8 @@ from typing import Protocol
 
 from torch import Tensor
 
+from metaapo_nemo.models.config import ModelConfig
+
 
 @dataclass
 class SamplingParams:
@@ -53,6 +55,10 @@ class GenerationStats:
 
 
 class RolloutEngine(Protocol):
+    """Optionally also `release() -> None`: free the engine's accelerator memory before training
+    resumes (the loop calls it after each generation when the engine has it); the next refit or
+    generate takes the memory back."""
+
     eos_token_id: int
     stats: GenerationStats
 
@@ -64,3 +70,37 @@ class RolloutEngine(Protocol):
     ) -> list[list[list[int]]]:
         """Responses as [prompt][sample] -> token ids; a response ends with eos when eos was
         generated and is cut at params.max_new_tokens otherwise."""
+
+
+ENGINES = ("torch", "trtllm")
+
+
+def build_engine(
+    name: str,
+    cfg: ModelConfig,
+    tokenizer,
+    *,
+    max_prompt_length: int,
+    max_new_tokens: int,
+    tensor_parallel_size: int = 1,
+    device=None,
+    dtype=None,
+    max_batch_size: int | None = None,
+) -> RolloutEngine:
+    """The engine `rollout.engine` names: "torch" (TorchEngine, on `device`) or "trtllm"
+    (TrtllmEngine over `tensor_parallel_size` GPUs, sized for the run's prompt and response
+    lengths). `device`, `dtype` and `max_batch_size` (torch engine) are passed on only when given,
+    so each engine keeps its own defaults."""
+    if name == "torch":
+        from metaapo_nemo.rollout.torch_engine import TorchEngine
+
+        extra = {k: v for k, v in (("device", device), ("dtype", dtype), ("max_batch_size", max_batch_size))
+                 if v is not None}
+        return TorchEngine(cfg, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra)
+    if name == "trtllm":
+        from metaapo_nemo.rollout.trtllm_engine import TrtllmEngine
+
+        extra = {"dtype": dtype} if dtype is not None else {}
+        return TrtllmEngine(cfg, tokenizer, max_prompt_length=max_prompt_length, max_new_tokens=max_new_tokens,
+                            tensor_parallel_size=tensor_parallel_size, **extra)
+    raise ValueError(f"unknown rollout engine {name!r}: use one of {', '.join(ENGINES)}")

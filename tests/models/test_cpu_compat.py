@@ -1,12 +1,14 @@
 """Each CPU patch: the megatron path it serves fails without it and gives the right values with
 it. (Patches only reachable with several ranks - p2p, TP logit gathering, tied embeddings
-across pipeline stages - are exercised by test_parallel.py.)"""
+across pipeline stages - are exercised by test_parallel.py; distributed checkpoints across
+layouts by test_checkpoint_reshard.py.)"""
 import pytest
 import torch
 
 import megatron.core.models.common.embeddings.rotary_pos_embedding as rotary_module
 import megatron.core.utils
-from megatron.core import tensor_parallel
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing.strategies import filesystem_async, state_dict_saver
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed import param_and_grad_buffer
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -115,6 +117,25 @@ def test_megatron_training_step_needs_each_optimizer_patch(monkeypatch, module, 
         _, _, ddp, optimizer = _megatron_training(clip_grad=0.5)
         _run_schedule(ddp, _batches())
         optimizer.step()
+
+
+def test_distributed_checkpoint_saves_and_loads_on_cpu(tmp_path):
+    torch.manual_seed(0)
+    model = build_gpt_model(CFG)
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp_path))
+    torch.manual_seed(1)
+    other = build_gpt_model(CFG)
+    other.load_state_dict(dist_checkpointing.load(other.sharded_state_dict(), str(tmp_path)))
+    saved, loaded = model.state_dict(), other.state_dict()
+    names = [k for k in saved if not k.endswith("_extra_state")]
+    assert names and all(torch.equal(saved[k], loaded[k]) for k in names)
+
+
+@pytest.mark.parametrize("module", [filesystem_async, state_dict_saver])
+def test_distributed_checkpoint_save_needs_each_patch(monkeypatch, tmp_path, module):
+    monkeypatch.setattr(module, "torch", torch)
+    with pytest.raises(CUDA_MISSING):
+        dist_checkpointing.save(build_gpt_model(CFG).sharded_state_dict(), str(tmp_path))
 
 
 def test_seeded_rng_tracker_forks_on_cpu_and_makes_initialisation_reproducible():

@@ -6,7 +6,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from metaapo_nemo.models.config import LLAMA3_ROPE, ModelConfig
 from metaapo_nemo.rollout.engine import SamplingParams
-from metaapo_nemo.rollout.torch_engine import TorchEngine
+from metaapo_nemo.rollout.torch_engine import TorchEngine, sample
 from tests.helpers import spread_weights
 
 PAD = 0
@@ -263,3 +263,133 @@ def test_prompt_seeds_make_each_prompts_samples_independent_of_the_other_prompts
     assert alone == [together[2]]
     assert one_per_batch == together
     assert engine.generate(PROMPTS[:4], params, prompt_seeds=[12, 22, 33, 44])[0] != together[0]
+
+
+def test_sampling_draws_exactly_what_torch_multinomial_draws():
+    # sample() uses multinomial's own one-sample rule without its host syncs; on CPU the draws
+    # must be bit-identical, per prompt generator and with one generator for all rows.
+    logits = torch.randn(12, 50, generator=torch.Generator().manual_seed(0)) * 3
+    probs = (logits / 0.7).softmax(-1)
+    for rows_per_generator, seeds in ((4, [1, 2, 3]), (12, [9])):
+        params = SamplingParams(temperature=0.7)
+        got = sample(logits, params, [torch.Generator().manual_seed(s) for s in seeds], rows_per_generator)
+        expected = torch.cat([torch.multinomial(block, 1, generator=torch.Generator().manual_seed(s))
+                              for block, s in zip(probs.split(rows_per_generator), seeds)]).squeeze(1)
+        assert torch.equal(got, expected)
+
+
+def test_static_decode_gives_hf_greedy_tokens_and_the_dynamic_paths_samples(cfg_and_model):
+    cfg, model = cfg_and_model
+    max_new = 12
+    eos = hf_greedy(model, PROMPTS[0], None, max_new)[2]  # prompt 0 ends early, the others run on
+    static = engine_for(cfg, model, eos=eos, static_decode=True)
+    assert static.static_decode and not static.cuda_graphs  # cuda_graphs only acts on CUDA
+    greedy = SamplingParams(num_samples=2, greedy=True, max_new_tokens=max_new)
+    assert static.generate(PROMPTS, greedy) == [[hf_greedy(model, p, eos, max_new)] * 2 for p in PROMPTS]
+    # Masked unwritten slots change sums by rounding only, so per-prompt seeded draws agree.
+    sampled = SamplingParams(num_samples=4, temperature=1.0, top_p=0.9, max_new_tokens=10)
+    seeds = [11, 22, 33, 44]
+    dynamic = engine_for(cfg, model, eos=eos)
+    assert not dynamic.static_decode  # the CPU default
+    expected = dynamic.generate(PROMPTS, sampled, prompt_seeds=seeds)
+    assert static.generate(PROMPTS, sampled, prompt_seeds=seeds) == expected
+
+
+def test_static_decode_replaying_one_captured_step_gives_the_eager_tokens(monkeypatch):
+    import metaapo_nemo.rollout.torch_engine as torch_engine
+
+    class ReplayedStep:
+        """Stand-in for torch.cuda.CUDAGraph, which needs a GPU: capture leaves the output unset
+        (NaN), each replay recomputes the captured step into that same output tensor."""
+
+        def __init__(self, fn):
+            self.fn, self.out = fn, torch.full_like(fn(), float("nan"))
+
+        def replay(self):
+            self.out.copy_(self.fn())
+
+    captured = []
+
+    def capture(fn, device):
+        captured.append(ReplayedStep(fn))
+        return captured[-1], captured[-1].out
+
+    monkeypatch.setattr(torch_engine, "capture_cuda_graph", capture)
+    model = hf_model(LLAMA, seed=12)
+    eager = engine_for(LLAMA, model, eos=1, static_decode=True, max_batch_size=4)
+    replayed = engine_for(LLAMA, model, eos=1, static_decode=True, max_batch_size=4)
+    replayed.cuda_graphs = True  # forced: on CPU the constructor turns graphs off
+    params = SamplingParams(num_samples=2, max_new_tokens=10, seed=3)
+    seeds = [11, 22, 33, 44]
+    assert replayed.generate(PROMPTS, params, prompt_seeds=seeds) == eager.generate(PROMPTS, params, prompt_seeds=seeds)
+    assert len(captured) == 2  # one capture per batch (4 prompts x 2 samples, 4 rows a batch)
+
+
+@pytest.mark.parametrize("static_decode", [False, True], ids=["dynamic", "static"])
+def test_own_cache_is_allocated_once_and_written_in_place(static_decode, monkeypatch):
+    model = hf_model(LLAMA, seed=11)
+    max_new = 9
+    engine = engine_for(LLAMA, model, eos=1, static_decode=static_decode)
+    greedy = [hf_greedy(model, p, None, max_new) for p in PROMPTS]
+    engine.eos_token_id = next(t for t in range(LLAMA.vocab_size) if all(t not in g for g in greedy))
+    seen = []
+    decode = engine._decode
+
+    def recording(tokens, positions, step, prompt_cache, prompt_bias, own_cache, own_bias=None):
+        seen.append((int(step), [(k.data_ptr(), v.data_ptr()) for k, v in own_cache]))
+        return decode(tokens, positions, step, prompt_cache, prompt_bias, own_cache, own_bias)
+
+    monkeypatch.setattr(engine, "_decode", recording)
+    got = engine.generate(PROMPTS, SamplingParams(num_samples=2, greedy=True, max_new_tokens=max_new))
+    assert got == [[g, g] for g in greedy]
+    assert [step for step, _ in seen] == list(range(max_new - 1))
+    assert all(pointers == seen[0][1] for _, pointers in seen)
+
+
+def test_bfloat16_on_cpu_keeps_fp32_logits_within_bf16_rounding_and_its_first_tokens():
+    cfg, model = LLAMA, hf_model(LLAMA, seed=0)
+    fp32 = engine_for(cfg, model, eos=1)
+    bf16 = engine_for(cfg, model, eos=1, device="cpu", dtype=torch.bfloat16)
+    l32, l16 = fp32.prompt_logits(PROMPTS), bf16.prompt_logits(PROMPTS)
+    # bf16 keeps 8 significant bits (relative rounding 2^-9 per stored value); through two layers
+    # of about ten rounded stores each, 10% of the largest logit bounds what compounds.
+    err = max(float((a - b).abs().max()) for a, b in zip(l32, l16))
+    assert err < 0.1 * max(float(a.abs().max()) for a in l32)
+    params = SamplingParams(num_samples=2, greedy=True, max_new_tokens=8)
+    got, expected = bf16.generate(PROMPTS, params), fp32.generate(PROMPTS, params)
+    assert all(0 <= t < cfg.vocab_size for s in got for r in s for t in r)
+    assert all(len(r) == 8 or (0 < len(r) < 8 and r[-1] == 1) for s in got for r in s)
+    for logits, g, e in zip(l32, got, expected):
+        top2 = logits[-1].topk(2).values
+        if top2[0] - top2[1] > 2 * err:  # no logit error of size err can flip this argmax
+            assert g[0][0] == e[0][0]
+
+
+def test_constructor_rejects_a_bad_device_or_dtype_in_one_line():
+    with pytest.raises(ValueError, match="'gpu0' is not a torch device; give e.g. 'cpu', 'cuda'"):
+        TorchEngine(LLAMA, eos_token_id=1, pad_token_id=PAD, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA device; use device='cpu'"):
+            TorchEngine(LLAMA, eos_token_id=1, pad_token_id=PAD, device="cuda")
+    with pytest.raises(ValueError, match="dtype must be torch.float32, torch.bfloat16 or torch.float16"):
+        TorchEngine(LLAMA, eos_token_id=1, pad_token_id=PAD, dtype=torch.int8)
+
+
+def test_gpu_decode_benchmark_runs_its_cpu_smoke_without_megatron():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    # The GPU machine has no megatron-core: make importing it fail, then run the script.
+    code = ("import sys, runpy; sys.modules['megatron'] = None; "
+            "sys.argv = ['decode_bench.py', '--cpu-smoke']; "
+            "runpy.run_path('tests/gpu/decode_bench.py', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    keys = {"engine_tokens_per_s", "engine_nograph_tokens_per_s", "hf_generate_tokens_per_s", "ratio"}
+    assert set(result) == keys
+    assert all(v > 0 for v in result.values())
+    assert result["ratio"] == pytest.approx(result["engine_tokens_per_s"] / result["hf_generate_tokens_per_s"], rel=0.01)
