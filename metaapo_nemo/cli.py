@@ -55,5 +55,9 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     from metaapo_nemo.algorithm.metaapo import run_metaapo
 
-    run_metaapo(config)
+    try:
+        run_metaapo(config)
+    except ConfigError as e:  # found at set-up (e.g. a checkpoint the settings cannot resume)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0

@@ -22,10 +22,9 @@ class PolicyConfig:
     warmup_steps: int = 0  # linear learning-rate warm-up, in optimiser steps, restarted each iteration
     max_prompt_length: int = 2048  # prompts are left-truncated to this many tokens
     max_length: int = 4096  # prompt + response tokens in training; responses are cut beyond it
-    # bf16 for the policy and reference. On CUDA: Megatron mixed precision, bf16 weights with fp32
-    # main gradients and fp32 main weights in the optimizer; the frozen reference holds bf16 weights
-    # only. On CPU: fp32 weights with bf16 autocast (Megatron's mixed-precision optimizers take
-    # CUDA tensors only).
+    # bf16 for the policy and reference: Megatron mixed precision, bf16 weights with fp32 main
+    # gradients and fp32 main weights in the optimizer; the frozen reference holds bf16 weights only.
+    # The same code path on CUDA and on CPU.
     bf16: bool = False
 
 
@@ -88,6 +87,10 @@ class RolloutConfig:
 
 @dataclass
 class TrainerConfig:
+    # Where the run computes, as Lightning's Trainer(accelerator=...): "auto" CUDA GPUs when the
+    # machine has them, else the CPU; "gpu" CUDA GPUs, and a one-line refusal before anything loads
+    # on a machine without them; "cpu" the CPU (gloo, CPU tensors) even where CUDA is available.
+    accelerator: str = "auto"
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     global_batch_size: int = 128  # prompts per optimiser step (each with its offline and online pair)
@@ -96,13 +99,13 @@ class TrainerConfig:
     num_threads: Optional[int] = None  # torch intra-op threads; None: torch's default
     log_every: int = 1  # optimiser steps between metric lines on the console
     # Megatron's distributed optimizer: the fp32 main weights and Adam state (12 B/param) are sharded
-    # over the data-parallel ranks instead of replicated (ZeRO-1). CUDA only.
+    # over the data-parallel ranks instead of replicated (ZeRO-1).
     use_distributed_optimizer: bool = False
     # Activation recomputation (Megatron's TransformerConfig fields of the same names). None: keep
     # every activation; "full": keep each recompute unit's input only and recompute the unit in the
     # backward pass, units set by recompute_method "uniform" (recompute_num_layers layers per unit)
     # or "block" (the first recompute_num_layers layers of each pipeline stage); "selective":
-    # recompute core attention only (method and layer count unset). CUDA only.
+    # recompute core attention only (method and layer count unset).
     recompute_granularity: Optional[str] = None
     recompute_method: Optional[str] = None
     recompute_num_layers: Optional[int] = None
@@ -141,8 +144,10 @@ class MetaAPOConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     task: EmbeddedTaskConfig = field(default_factory=EmbeddedTaskConfig)
 
-    def validate(self) -> None:
-        """Raise ConfigError naming each bad key and what to set instead."""
+    def validate(self, on_this_machine: bool = True) -> None:
+        """Raise ConfigError naming each bad key and what to set instead. on_this_machine=False: the
+        run will start elsewhere (a Slurm job's container), so what only that machine can tell
+        (is tensorrt_llm installed?) is not checked here; the job checks it when it starts."""
         from metaapo_nemo.algorithm.strategies import resolve_strategy
 
         problems = []
@@ -171,6 +176,8 @@ class MetaAPOConfig:
         if not 0 <= self.algo.label_smoothing < 0.5:
             problems.append(f"algo.label_smoothing={self.algo.label_smoothing}: must be in [0, 0.5)")
         t = self.trainer
+        if t.accelerator not in ("auto", "gpu", "cpu"):
+            problems.append(f"trainer.accelerator={t.accelerator!r}: use 'auto', 'gpu' or 'cpu'")
         if t.recompute_granularity == "full":
             if t.recompute_method not in ("uniform", "block") or not (isinstance(t.recompute_num_layers, int)
                                                                     and t.recompute_num_layers > 0):
@@ -191,7 +198,7 @@ class MetaAPOConfig:
         if self.rollout.engine == "trtllm":
             from metaapo_nemo.rollout.trtllm_engine import trtllm_unavailable_reason
 
-            if (reason := trtllm_unavailable_reason()) is not None:
+            if on_this_machine and (reason := trtllm_unavailable_reason()) is not None:
                 problems.append(f"rollout.engine=trtllm: {reason}")
         elif self.rollout.engine != "torch":
             problems.append(f"rollout.engine={self.rollout.engine!r}: use 'torch' or 'trtllm'")

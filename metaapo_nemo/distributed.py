@@ -19,8 +19,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_accelerator = "auto"
+
+
+def use_cuda(config=None) -> bool:
+    """Whether this process computes on CUDA GPUs, by trainer.accelerator: "gpu" yes, "cpu" no,
+    "auto" when CUDA is available. Given a config, its choice holds for the process from then on:
+    the process group's backend, the CPU patches, where models are built, the rollout engine's
+    device all ask here. Without one: the choice last given ("auto" until then)."""
+    global _accelerator
+    if config is not None:
+        _accelerator = config.trainer.accelerator
+    return _accelerator == "gpu" or (_accelerator == "auto" and torch.cuda.is_available())
+
+
 def _start_process_group() -> None:
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "nccl" if use_cuda() else "gloo"
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -53,7 +67,8 @@ def init_distributed(
             f"parallel sizes must be >= 1, got TP={tensor_model_parallel_size} "
             f"PP={pipeline_model_parallel_size}"
         )
-    cpu_compat.apply_cpu_patches()
+    if not use_cuda():
+        cpu_compat.apply_cpu_patches()
     if not dist.is_initialized():
         _start_process_group()
     world = dist.get_world_size()
@@ -73,7 +88,7 @@ def init_distributed(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
     )
-    cpu_compat.seed_model_parallel_rng(seed)
+    cpu_compat.seed_model_parallel_rng(seed, cuda=use_cuda())
 
 
 def is_rank0() -> bool:

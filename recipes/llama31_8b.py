@@ -52,7 +52,7 @@ def recipe() -> MetaAPOConfig:
         reward=RewardConfig(timeout_s=300.0),
         algo=AlgoConfig(name="metaapo", iterations=3, num_samples=8, beta=0.1, meta_interval=8),
         rollout=RolloutConfig(engine="trtllm", temperature=1.0, top_p=1.0, max_new_tokens=2048),
-        trainer=TrainerConfig(tensor_model_parallel_size=8, pipeline_model_parallel_size=1,
+        trainer=TrainerConfig(accelerator="gpu", tensor_model_parallel_size=8, pipeline_model_parallel_size=1,
                               global_batch_size=128, micro_batch_size=1, use_distributed_optimizer=True,
                               recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
     )

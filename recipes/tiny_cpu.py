@@ -21,6 +21,6 @@ def recipe() -> MetaAPOConfig:
         reward=RewardConfig(reward_fn="metaapo_nemo.data.toy_task:reward", timeout_s=30.0),
         algo=AlgoConfig(name="metaapo", iterations=3, num_samples=8, beta=0.1, meta_interval=2),
         rollout=RolloutConfig(temperature=1.0, top_p=1.0, max_new_tokens=24, eval_samples=4),
-        trainer=TrainerConfig(global_batch_size=16, micro_batch_size=16, num_threads=1, log_every=5),
+        trainer=TrainerConfig(accelerator="auto", global_batch_size=16, micro_batch_size=16, num_threads=1, log_every=5),
         task=EmbeddedTaskConfig(enabled=True),
     )

@@ -60,6 +60,7 @@ def test_bring_your_own_run_requires_checkpoint_data_and_reward():
 def test_gpu_recipes_validate_once_the_user_gives_paths_and_use_bf16_sharding_and_recompute(name):
     config = get_recipe(name)
     assert config.rollout.engine == "trtllm" and config.policy.bf16 and config.trainer.use_distributed_optimizer
+    assert config.trainer.accelerator == "gpu" and get_recipe("tiny_cpu").trainer.accelerator == "auto"
     assert (config.trainer.recompute_granularity, config.trainer.recompute_method,
             config.trainer.recompute_num_layers) == ("full", "uniform", 1)
     apply_overrides(config, ["policy.hf_path=/m/policy", "reference.hf_path=/m/sft", "data.train=/d/train.jsonl",
@@ -80,6 +81,7 @@ def test_gpu_recipes_validate_once_the_user_gives_paths_and_use_bf16_sharding_an
      "trainer.recompute_num_layers=N > 0"),
     (["trainer.recompute_granularity=selective", "trainer.recompute_num_layers=1"], "leave trainer.recompute_method"),
     (["trainer.use_distributed_optimizer=yes"], "trainer.use_distributed_optimizer='yes': use true or false"),
+    (["trainer.accelerator=cuda"], "trainer.accelerator='cuda': use 'auto', 'gpu' or 'cpu'"),
 ])
 def test_bad_recompute_and_optimizer_settings_say_what_to_set(overrides, message):
     config = get_recipe("tiny_cpu")

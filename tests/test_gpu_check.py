@@ -49,6 +49,7 @@ def test_parity_and_dpo_parts_run_without_error(smoke):
     result, _ = smoke
     assert result["errors"]["parity"] is None and result["errors"]["dpo"] is None
     assert result["dpo_train_tokens_per_s"] > 0 and result["dpo_final_loss"] > 0
+    assert result["dpo_precision"] == "bf16"  # the GPU code path: Megatron mixed precision
 
 
 def test_megatron_logits_match_transformers_within_1e_4_in_fp32(smoke):

@@ -29,7 +29,7 @@ from metaapo_nemo.algorithm.objectives import Objective, PairLogps, meta_weighte
 from metaapo_nemo.algorithm.pairs import build_online_pair, build_selm_pair
 from metaapo_nemo.algorithm.sampling import sample_seeds, uniform_draws
 from metaapo_nemo.algorithm.strategies import Strategy, loss_weights, offline_weight, resolve_strategy, select_for_sampling
-from metaapo_nemo.config import MetaAPOConfig
+from metaapo_nemo.config import ConfigError, MetaAPOConfig
 from metaapo_nemo.distributed import (
     all_gather_objects, barrier, broadcast_module, data_parallel_size, is_loss_rank, world_rank, world_size,
 )
@@ -83,16 +83,17 @@ class MetaAPORun:
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
+        from metaapo_nemo.distributed import use_cuda
         from metaapo_nemo.launch.plan import require_gpus
 
-        # Before anything loads: a GPU-sized run on a machine without GPUs stops here, in one line.
+        # Before anything loads: a run that asks for GPUs on a machine without them stops here, in one line.
         require_gpus(self.config, torch.cuda.is_available())
+        on_gpu = use_cuda(self.config)  # from here on, every part of the run computes there
         from transformers import AutoTokenizer
 
         from metaapo_nemo.data.batching import encode_prompt
         from metaapo_nemo.data.schema import load_eval_prompts, load_preferences
         from metaapo_nemo.distributed import init_distributed, is_rank0
-        from metaapo_nemo.models.cpu_compat import apply_cpu_patches
         from metaapo_nemo.models.hf_convert import load_hf_checkpoint
         from metaapo_nemo.models.policy import MegatronPolicy, OptimConfig
         from metaapo_nemo.reward.client import RewardClient
@@ -101,7 +102,6 @@ class MetaAPORun:
         c = self.config
         if c.trainer.num_threads:
             torch.set_num_threads(c.trainer.num_threads)
-        apply_cpu_patches()
         init_distributed(c.trainer.tensor_model_parallel_size, c.trainer.pipeline_model_parallel_size, seed=c.seed)
         self.rank0 = is_rank0()
         self.console = Console(enabled=self.rank0)
@@ -136,8 +136,7 @@ class MetaAPORun:
         self.model_cfg = model_cfg
         p = c.policy
         t = c.trainer
-        # Megatron's mixed-precision optimizers take CUDA tensors only: on CPU bf16 means autocast.
-        precision = ("bf16" if torch.cuda.is_available() else "bf16-autocast") if p.bf16 else "fp32"
+        precision = "bf16" if p.bf16 else "fp32"
         self.policy = MegatronPolicy(model_cfg, policy_weights, pad_id=self.tokenizer.pad_token_id, precision=precision,
                                      optim=OptimConfig(lr=p.lr, weight_decay=p.weight_decay, betas=(p.adam_beta1, p.adam_beta2),
                                                        clip_grad=p.clip_grad, warmup_steps=p.warmup_steps),
@@ -153,7 +152,6 @@ class MetaAPORun:
 
         # One engine per rank, holding the whole model on this rank's GPU (8B in bf16 is 16 GB): every
         # rank samples its own share of the selected prompts, so engines do not span ranks.
-        on_gpu = torch.cuda.is_available()
         self.engine = build_engine(c.rollout.engine, model_cfg, self.tokenizer, max_prompt_length=p.max_prompt_length,
                                    max_new_tokens=c.rollout.max_new_tokens, tensor_parallel_size=1,
                                    device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else None,
@@ -573,7 +571,7 @@ class MetaAPORun:
     def _layout(self) -> dict:
         t = self.config.trainer
         return {"tensor": t.tensor_model_parallel_size, "pipeline": t.pipeline_model_parallel_size,
-                "data": data_parallel_size()}
+                "data": data_parallel_size(), "distributed_optimizer": t.use_distributed_optimizer}
 
     def _run_state(self) -> dict:
         """Everything but the models, on rank 0, as plain tensors, numbers, lists and dicts
@@ -597,6 +595,12 @@ class MetaAPORun:
                                "or use a new output_dir")
         saved = torch.load(directory / "run_state.pt", weights_only=True)
         layout = self._layout()
+        saved_distributed = saved["layout"].get("distributed_optimizer", False)
+        if saved_distributed != layout["distributed_optimizer"]:
+            # megatron-core names and keeps the two optimizers' state differently (main weights, step).
+            raise ConfigError(f"{directory} was saved with trainer.use_distributed_optimizer="
+                              f"{str(saved_distributed).lower()}: resume with the same setting (any TP/PP/DP "
+                              "works), or use a new output_dir")
         if saved["layout"] != layout:
             self.console.log("resharding from " + _layout_text(saved["layout"]) + " to " + _layout_text(layout))
         self.policy.load_checkpoint(directory / "policy")

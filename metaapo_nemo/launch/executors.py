@@ -83,16 +83,17 @@ def slurm(
     )
 
 
-def check_config(config: C.MetaAPOConfig, reward: Optional[S.RewardGroup]) -> None:
+def check_config(config: C.MetaAPOConfig, reward: Optional[S.RewardGroup], on_this_machine: bool = True) -> None:
     """Validate the configuration as the trainer will run it: with a reward group, its reward settings
-    go to the server and the trainer gets reward.url (a placeholder here: Slurm places the group)."""
+    go to the server and the trainer gets reward.url (a placeholder here: Slurm places the group).
+    on_this_machine=False (Slurm): the job's container, not this login node, must have tensorrt_llm."""
     if reward is None:
-        config.validate()
+        config.validate(on_this_machine)
         return
     S.reward_server_args(config.reward, reward.port)
     trainer_reward = dataclasses.replace(config.reward, url=f"http://reward-group:{reward.port}", reward_fn=None,
                                          model_dir=None)
-    dataclasses.replace(config, reward=trainer_reward).validate()
+    dataclasses.replace(config, reward=trainer_reward).validate(on_this_machine)
 
 
 def check_layout(executor: run.Executor, config: C.MetaAPOConfig) -> None:
@@ -154,7 +155,8 @@ def launch(ctx: run.cli.RunContext, task: run.Partial) -> None:
               if ctx.reward_nodes else None)
     # A dry run shows the plan even when it could not run yet, and says why (as `metaapo run --dryrun`).
     problems = []
-    checks = (functools.partial(check_config, config, reward), functools.partial(check_layout, ctx.executor, config),
+    remote = isinstance(ctx.executor, run.SlurmExecutor)
+    checks = (functools.partial(check_config, config, reward, not remote), functools.partial(check_layout, ctx.executor, config),
               functools.partial(check_submission, ctx.executor))
     for check in checks:
         try:

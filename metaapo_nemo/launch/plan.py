@@ -1,5 +1,5 @@
 """What a run will take before it starts: the memory per GPU, the plan a dry run prints, and the
-refusal to start a GPU-sized run on a machine without GPUs.
+refusal to start a run that asks for GPUs (trainer.accelerator=gpu) on a machine without them.
 
 Imports nothing heavy (`nemo llm metaapo --dryrun` prints the plan on a login node).
 
@@ -166,14 +166,11 @@ def estimate_memory_per_gpu(config: MetaAPOConfig, model: Optional[ModelConfig] 
 
 
 def require_gpus(config: MetaAPOConfig, cuda_available: bool) -> None:
-    """Raise ConfigError (one line) when the run asks for what only CUDA GPUs provide and there are none."""
+    """Raise ConfigError (one line) when the run asks for CUDA GPUs (trainer.accelerator=gpu) and there are none."""
     t = config.trainer
-    cuda_only = [key for key, on in (("trainer.use_distributed_optimizer=true", t.use_distributed_optimizer),
-                                     (f"trainer.recompute_granularity={t.recompute_granularity}",
-                                      t.recompute_granularity is not None)) if on]
-    if cuda_only and not cuda_available:
+    if t.accelerator == "gpu" and not cuda_available:
         tp, pp = t.tensor_model_parallel_size, t.pipeline_model_parallel_size
-        raise ConfigError(f"this run needs CUDA GPUs ({', '.join(cuda_only)}; TP={tp} x PP={pp} = {tp * pp} GPUs "
+        raise ConfigError(f"this run needs CUDA GPUs (trainer.accelerator=gpu; TP={tp} x PP={pp} = {tp * pp} GPUs "
                           "per model replica) and this machine has none: use --recipe tiny_cpu here")
 
 
@@ -202,8 +199,7 @@ def describe_plan(config: MetaAPOConfig, *, recipe: Optional[str] = None, execut
         recompute = f"full, {t.recompute_method}, {t.recompute_num_layers} layer(s)"
     else:
         recompute = t.recompute_granularity or "off"
-    precision = ("bf16 weights, fp32 main grads and main weights (CPU: bf16 autocast)" if config.policy.bf16
-                 else "fp32")
+    precision = "bf16 weights, fp32 main grads and main weights" if config.policy.bf16 else "fp32"
     lines = [
         f"executor: {name}",
         f"ranks: {nodes} node(s) x {per_node} = {ranks}{ranks_note}",

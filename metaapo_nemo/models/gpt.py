@@ -21,6 +21,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from metaapo_nemo.distributed import use_cuda
 from metaapo_nemo.models.config import ModelConfig
 
 
@@ -210,5 +211,5 @@ def build_gpt_model(
     # The local spec's norms are torch.nn.RMSNorm built in fp32 whatever params_dtype says
     # (Megatron casts with its Float16Module wrapper, whose forward our log-probs bypass).
     # CPU initialisation draws the weights on the host; on a GPU machine they then move over.
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    device = torch.cuda.current_device() if use_cuda() else "cpu"
     return model.to(device=device, dtype=dtype)

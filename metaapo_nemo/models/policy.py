@@ -15,7 +15,6 @@ Where ranks talk: the schedule's p2p between stages; DDP's all-reduce in finaliz
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -60,14 +59,13 @@ class MegatronPolicy:
                  recompute_granularity: str | None = None, recompute_method: str | None = None,
                  recompute_num_layers: int | None = None):
         """precision: "fp32"; "bf16", Megatron mixed precision: bf16 weights, and for the trained
-        policy fp32 main gradients (reduced in fp32) and fp32 main weights kept by the optimizer;
-        "bf16-autocast": fp32 weights with bf16 autocast (the CPU choice: the Megatron mixed-precision
-        optimizers accept only CUDA tensors). distributed_optimizer: Megatron's distributed
-        optimizer, main weights and Adam state sharded over data-parallel ranks (CUDA only).
-        recompute_*: activation recomputation, as in models.gpt.transformer_config."""
-        if precision not in ("fp32", "bf16", "bf16-autocast"):
-            raise ValueError(f"precision={precision!r}: use 'fp32', 'bf16' or 'bf16-autocast'")
-        self.cfg, self.pad_id, self.precision, self.optim = cfg, pad_id, precision, optim
+        policy fp32 main gradients (reduced in fp32) and fp32 main weights kept by the optimizer
+        (on CPU too: models.cpu_compat). distributed_optimizer: Megatron's distributed optimizer,
+        main weights and Adam state sharded over data-parallel ranks. recompute_*: activation
+        recomputation, as in models.gpt.transformer_config."""
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision={precision!r}: use 'fp32' or 'bf16'")
+        self.cfg, self.pad_id, self.optim = cfg, pad_id, optim
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.model = build_gpt_model(cfg, pre_process=ps.is_pipeline_first_stage(),
                                      post_process=ps.is_pipeline_last_stage(), dtype=dtype,
@@ -91,21 +89,15 @@ class MegatronPolicy:
             adam_beta2=optim.betas[1], clip_grad=optim.clip_grad, bf16=mixed, params_dtype=dtype,
             use_distributed_optimizer=distributed_optimizer), [self.ddp])
 
-    def _autocast(self, device: torch.device):
-        if self.precision == "bf16-autocast":
-            return torch.autocast(device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def _stage_forward(self, model, batch: SequenceBatch):
         """This stage's part of log pi(y|x): hidden states to pass on, or (logp_sum, ntok) on the last
         stage, returned on the CPU where the losses and the cached reference log-probs live."""
         device = next(self.model.parameters()).device
         tokens, prompt_lens, lengths = (t.to(device) for t in (batch.tokens, batch.prompt_lens, batch.lengths))
-        with self._autocast(device):
-            hidden = decoder_hidden_states(model, tokens)
-            if not ps.is_pipeline_last_stage():
-                return hidden, None
-            logp, ntok = response_logprobs(model, hidden, tokens, prompt_lens, lengths)
+        hidden = decoder_hidden_states(model, tokens)
+        if not ps.is_pipeline_last_stage():
+            return hidden, None
+        logp, ntok = response_logprobs(model, hidden, tokens, prompt_lens, lengths)
         return logp.float().cpu(), ntok.cpu()
 
     @torch.no_grad()

@@ -253,6 +253,8 @@ class TorchEngine:
         Everything is checked before anything is copied, so a bad dict leaves the engine as it was.
         With tied embeddings, an lm_head.weight equal to the embedding is accepted (HF's
         state_dict lists it) and any other is refused."""
+        if not self._slots:  # released
+            self._allocate()
         given = set(hf_state_dict)
         tied_head = self.cfg.tie_word_embeddings and "lm_head.weight" in given
         if tied_head:
@@ -280,6 +282,15 @@ class TorchEngine:
         for name, slot in self._slots.items():
             slot.copy_(hf_state_dict[name])
         self._refitted = True
+
+    def release(self) -> None:
+        """Free the weights until the next refit, which allocates them again: the loop calls it
+        after sampling, so training gets the memory back (16 GB for an 8B model in bf16)."""
+        self._refitted = False
+        self._embed = self._final_norm = self._lm_head = None
+        self._slots, self._layers = {}, []
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _layer_qkv(self, layer: dict, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q_rows = self.cfg.num_attention_heads * self.cfg.head_dim

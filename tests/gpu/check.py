@@ -124,10 +124,9 @@ def part_dpo(smoke: bool) -> dict:
         torch.cuda.reset_peak_memory_stats()
     cfg = _llama_config(size)
     started = time.perf_counter()
-    # bf16: Megatron mixed precision (bf16 weights, fp32 main weights and gradients), which its
-    # optimizer offers only on CUDA. The CPU smoke run trains in fp32: under bf16 autocast on the
-    # CPU, megatron-core 0.16's linear-layer backward mixes bf16 gradients with fp32 weights.
-    precision = "bf16" if cuda else "fp32"
+    # Megatron mixed precision (bf16 weights, fp32 main weights and gradients): the same code path
+    # in the CPU smoke run as on the GPU.
+    precision = "bf16"
     policy = MegatronPolicy(cfg, None, pad_id=0, optim=OptimConfig(lr=1e-6, clip_grad=1.0), precision=precision)
     build_s = time.perf_counter() - started
     params = sum(p.numel() for p in policy.model.parameters())
@@ -200,8 +199,8 @@ def part_dpo(smoke: bool) -> dict:
 
 
 def _scale_features(make_batch, loss_fn, size: dict) -> dict:
-    """What the 8B recipes switch on, on CUDA only: Megatron's distributed optimizer and full
-    activation recomputation (uniform, 1 layer per unit). A 4-layer model with the same weights
+    """What the 8B recipes switch on, on the GPU (tests/models/test_gpt.py covers the CPU): Megatron's
+    distributed optimizer and full activation recomputation (uniform, 1 layer per unit). A 4-layer model with the same weights
     takes the same 3 DPO steps with them and without; the losses must agree to bf16 rounding."""
     import torch
 

@@ -113,13 +113,21 @@ def test_the_checkpoint_config_json_sets_the_architecture(tmp_path):
     assert "memory per GPU: not estimated" in describe_plan(config)
 
 
-def test_cuda_only_settings_are_refused_without_gpus_in_one_line():
+def test_accelerator_gpu_is_refused_without_gpus_in_one_line():
     config = get_recipe("llama31_8b")
     with pytest.raises(ConfigError) as info:
         require_gpus(config, cuda_available=False)
-    assert "\n" not in str(info.value) and "TP=8 x PP=1 = 8 GPUs" in str(info.value)
+    assert str(info.value) == ("this run needs CUDA GPUs (trainer.accelerator=gpu; TP=8 x PP=1 = 8 GPUs per model "
+                               "replica) and this machine has none: use --recipe tiny_cpu here")
     require_gpus(config, cuda_available=True)
     require_gpus(get_recipe("tiny_cpu"), cuda_available=False)
+
+
+@pytest.mark.parametrize("accelerator", ["auto", "cpu"])
+def test_the_distributed_optimizer_and_recompute_start_without_gpus_unless_gpus_are_asked_for(accelerator):
+    config = get_recipe("llama31_8b")  # distributed optimizer, full recompute, bf16: all run on CPU
+    config.trainer.accelerator = accelerator
+    require_gpus(config, cuda_available=False)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")

@@ -241,3 +241,12 @@ def test_nemo_cli_reward_group_dryrun_shows_both_groups_and_the_trainer_script(t
     assert "serve-reward --host 0.0.0.0 --port 5000 --model /lustre/models/rm" in text
     assert "exec torchrun --nnodes=2 --nproc-per-node=8" in text and '"reward.url=${METAAPO_REWARD_URL}"' in text
     assert "Dry run for metaapo: nothing was submitted" in text
+
+
+def test_a_slurm_submission_leaves_the_tensorrt_llm_check_to_the_job():
+    config = get_recipe("llama31_8b")  # rollout.engine=trtllm; this machine has no tensorrt_llm
+    C.apply_overrides(config, ["policy.hf_path=/lustre/p", "data.train=/lustre/t.jsonl", "data.eval=/lustre/e.jsonl",
+                               "reward.url=http://rm:5000"])
+    with pytest.raises(C.ConfigError, match="tensorrt_llm is not installed here"):
+        executors.check_config(config, None)
+    executors.check_config(config, None, on_this_machine=False)  # the job's container has it

@@ -1,7 +1,8 @@
 """Each CPU patch: the megatron path it serves fails without it and gives the right values with
 it. (Patches only reachable with several ranks - p2p, TP logit gathering, tied embeddings
 across pipeline stages - are exercised by test_parallel.py; distributed checkpoints across
-layouts by test_checkpoint_reshard.py.)"""
+layouts by test_checkpoint_reshard.py; bf16 mixed precision against fp32, recomputation against
+none and the distributed optimizer at DP=2 by test_gpt.py.)"""
 import pytest
 import torch
 
@@ -15,14 +16,21 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.optimizer import OptimizerConfig, clip_grads, get_megatron_optimizer
+from megatron.core.optimizer import distrib_optimizer
 from megatron.core.optimizer import optimizer as optimizer_module
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 from megatron.core.pipeline_parallel import get_forward_backward_func, schedules
 
+from metaapo_nemo.data.batching import collate
+from metaapo_nemo import distributed
+from metaapo_nemo.config import MetaAPOConfig
 from metaapo_nemo.distributed import init_distributed
 from metaapo_nemo.models import cpu_compat
 from metaapo_nemo.models.config import ModelConfig
 from metaapo_nemo.models.gpt import build_gpt_model
 from metaapo_nemo.models.logprobs import sequence_logprobs
+from metaapo_nemo.models.policy import MegatronPolicy, OptimConfig
 
 CFG = ModelConfig(vocab_size=61, hidden_size=32, num_layers=2, num_attention_heads=4,
                   num_query_groups=2, ffn_hidden_size=48)
@@ -138,12 +146,93 @@ def test_distributed_checkpoint_save_needs_each_patch(monkeypatch, tmp_path, mod
         dist_checkpointing.save(build_gpt_model(CFG).sharded_state_dict(), str(tmp_path))
 
 
+def _policy(**kwargs):
+    torch.manual_seed(0)
+    return MegatronPolicy(CFG, None, pad_id=0, optim=OptimConfig(lr=1e-2), **kwargs)
+
+
+def _train_step(policy):
+    sequences = [([1, 5, 9], [4, 6, 2]), ([1, 7], [8, 9, 10, 2])]
+    return policy.train_step([0, 1], lambda idx: collate([sequences[i] for i in idx], 0),
+                             lambda idx, logp, ntok: (-logp.sum(), {}), micro_batch_size=1)
+
+
+@pytest.mark.parametrize("optimizer, kwargs", [
+    (Float16OptimizerWithFloat16Params, dict(precision="bf16")),
+    (DistributedOptimizer, dict(precision="bf16", distributed_optimizer=True)),
+    (DistributedOptimizer, dict(distributed_optimizer=True)),
+])
+def test_mixed_precision_and_distributed_optimizers_take_cpu_parameters_by_their_cuda_type_names(
+        monkeypatch, optimizer, kwargs):
+    policy = _policy(**kwargs)
+    assert type(policy.optimizer.chained_optimizers[0]) is optimizer
+    before = [p.detach().clone() for p in policy.model.parameters()]
+    _train_step(policy)
+    assert all(not torch.equal(p, q) for p, q in zip(policy.model.parameters(), before))
+    monkeypatch.setattr(optimizer, "__init__", optimizer.__init__.__wrapped__)
+    with pytest.raises(TypeError, match="Wrapped parameters must be one of torch.cuda.FloatTensor"):
+        _policy(**kwargs)
+
+
+def test_full_recompute_runs_without_a_cuda_generator_state():
+    with pytest.raises(CUDA_MISSING):
+        torch.cuda.random.get_rng_state()  # what megatron's _get_cuda_rng_state calls
+    assert tensor_parallel.random._get_cuda_rng_state is cpu_compat._no_cuda_rng_state
+    policy = _policy(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    assert _train_step(policy)["grad_norm"] > 0  # same values as without recompute: test_gpt.py
+
+
+def _adam_state(policy):
+    inner = policy.optimizer.chained_optimizers[0]
+    return [{k: v.clone() for k, v in inner.optimizer.state[p].items()} for p in inner.optimizer.param_groups[0]["params"]]
+
+
+def test_distributed_optimizer_checkpoint_saves_and_loads_into_a_fresh_optimizer(tmp_path):
+    saved = _policy(precision="bf16", distributed_optimizer=True)
+    _train_step(saved), _train_step(saved)
+    saved.save_checkpoint(tmp_path)
+    loaded = _policy(precision="bf16", distributed_optimizer=True)
+    loaded.load_checkpoint(tmp_path)
+    for a, b in zip(_adam_state(saved), _adam_state(loaded)):
+        assert a.keys() == b.keys() == {"step", "exp_avg", "exp_avg_sq"}
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(p, q) for p, q in zip(saved.model.parameters(), loaded.model.parameters()))
+
+
+def test_distributed_optimizer_checkpoint_before_the_first_step_is_the_fresh_adam_state(tmp_path):
+    _policy(distributed_optimizer=True).save_checkpoint(tmp_path)
+    loaded = _policy(distributed_optimizer=True)
+    loaded.load_checkpoint(tmp_path)
+    for state in _adam_state(loaded):  # what AdamW's first step allocates
+        assert state["step"] == 0 and not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+
+
+@pytest.mark.parametrize("target, name, stage", [
+    (distrib_optimizer, "torch", "save"),
+    (DistributedOptimizer, "get_parameter_state_dp_zero", "save"),
+    (DistributedOptimizer, "state_dict", "fresh load"),
+    (DistributedOptimizer, "_set_main_param_and_optimizer_states", "load"),
+])
+def test_distributed_optimizer_checkpoint_needs_each_patch(monkeypatch, tmp_path, target, name, stage):
+    policy = _policy(distributed_optimizer=True)
+    _train_step(policy)
+    if stage != "save":
+        policy.save_checkpoint(tmp_path)
+    original = torch if name == "torch" else getattr(target, name).__wrapped__
+    monkeypatch.setattr(target, name, original)
+    with pytest.raises(CUDA_MISSING + (KeyError,)):
+        if stage == "save":
+            policy.save_checkpoint(tmp_path)
+        else:
+            _policy(distributed_optimizer=True).load_checkpoint(tmp_path)
+
+
 def test_seeded_rng_tracker_forks_on_cpu_and_makes_initialisation_reproducible():
     with pytest.raises(CUDA_MISSING):
         tensor_parallel.model_parallel_cuda_manual_seed(3, force_reset_rng=True)  # why the CPU path exists
-    cpu_compat.seed_model_parallel_rng(3)
+    cpu_compat.seed_model_parallel_rng(3, cuda=False)
     first = build_gpt_model(CFG).state_dict()
-    cpu_compat.seed_model_parallel_rng(3)
+    cpu_compat.seed_model_parallel_rng(3, cuda=False)
     second = build_gpt_model(CFG).state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first if not k.endswith("_extra_state"))
     with tensor_parallel.get_cuda_rng_tracker().fork():
@@ -157,9 +246,17 @@ def test_patches_are_applied_once():
     assert rotary_module.torch is cpu_compat.TORCH_ON_CPU
 
 
-def test_nothing_is_patched_when_cuda_is_available(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(cpu_compat, "_applied", False)
-    monkeypatch.setattr(rotary_module, "torch", torch)
-    cpu_compat.apply_cpu_patches()
-    assert rotary_module.torch is torch
+@pytest.mark.parametrize("accelerator, cuda_available, patched", [
+    ("auto", True, False), ("auto", False, True), ("gpu", True, False), ("cpu", True, True),
+])
+def test_megatron_is_patched_only_where_the_run_computes_on_the_cpu(monkeypatch, accelerator, cuda_available,
+                                                                     patched):
+    config = MetaAPOConfig()
+    config.trainer.accelerator = accelerator
+    monkeypatch.setattr(distributed, "_accelerator", "auto")  # restored after the test
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_available)
+    calls = []
+    monkeypatch.setattr(cpu_compat, "apply_cpu_patches", lambda: calls.append(1))
+    assert distributed.use_cuda(config) is not patched
+    init_distributed()  # the process group and the layout exist already: only the patches are at stake
+    assert bool(calls) is patched

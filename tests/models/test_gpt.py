@@ -1,4 +1,12 @@
-"""The Llama-style GPTModel builder and its SDPA core attention."""
+"""The Llama-style GPTModel builder and its SDPA core attention; through MegatronPolicy, the
+Megatron paths the GPU recipes take, run here on CPU (models.cpu_compat): bf16 mixed precision,
+full activation recomputation, the distributed optimizer at DP=2 and its checkpoints.
+
+The DP=2 tests launch this file as its own worker (the `__main__` block) on 2 ranks.
+"""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +18,7 @@ from metaapo_nemo.distributed import init_distributed
 from metaapo_nemo.models.config import ModelConfig
 from metaapo_nemo.models.cpu_compat import TORCH_ON_CPU
 from metaapo_nemo.models.gpt import SDPACoreAttention, build_gpt_model, transformer_config
+from tests.helpers import run_ranks
 
 CFG = ModelConfig(vocab_size=97, hidden_size=64, num_layers=2, num_attention_heads=4,
                   num_query_groups=2, ffn_hidden_size=96)
@@ -89,7 +98,8 @@ def test_layout_that_does_not_divide_is_refused_with_what_to_change():
         build_gpt_model(bad)
 
 
-# --- Megatron mixed precision and activation recomputation, through MegatronPolicy.train_step ---
+# --- Megatron mixed precision, activation recomputation and the distributed optimizer, through
+# MegatronPolicy.train_step ---
 
 ITEMS = [([1, 5, 9, 12], [4, 6, 2]), ([1, 7], [8, 9, 10, 11, 2]), ([1, 44, 3], [30, 2]), ([1, 2, 3, 4, 5], [6])]
 
@@ -107,6 +117,17 @@ def _policy(**kwargs):
     with torch.no_grad():  # wider than the 0.02-std init, so the loss and gradients depend on every weight
         for p in policy.model.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())).to(p.dtype))
+    policy.optimizer.reload_model_params()  # the main weights (bf16) follow
+    return policy
+
+
+def _lipschitz_adam(policy):
+    """The distributed optimizer takes Adam only (distrib_optimizer.py l.516). Adam's step
+    lr * m / (sqrt(v) + eps) with eps = 1 moves a weight by at most lr / eps per unit of gradient
+    difference, so two runs whose gradients differ by rounding stay rounding apart (with eps = 1e-8
+    a near-zero gradient element's rounding flips an lr-sized step)."""
+    for group in policy.optimizer.param_groups:
+        group["eps"] = 1.0
     return policy
 
 
@@ -116,55 +137,27 @@ def _step(policy):
     return policy.train_step(ITEMS, lambda seqs: collate(seqs, 0), _nll, micro_batch_size=2)
 
 
-@pytest.fixture
-def cpu_rng_state_for_recompute(monkeypatch):
-    """Megatron's recompute saves and restores the CUDA generator's state (tensor_parallel.random), which
-    a CPU-only torch does not have; our models draw no random numbers in the forward pass (no dropout),
-    so on the CPU that state is empty. Run time refuses recompute without CUDA (launch.plan.require_gpus)."""
-    from megatron.core.tensor_parallel import random
-
-    monkeypatch.setattr(random, "_get_cuda_rng_state", lambda *args, **kwargs: None)
-    monkeypatch.setattr(random, "_set_cuda_rng_state", lambda *args, **kwargs: None)
-    units = []  # one entry per recomputed unit's forward
-    forward = random.CheckpointFunction.forward
-    monkeypatch.setattr(random.CheckpointFunction, "forward",
-                        staticmethod(lambda ctx, *args: units.append(1) or forward(ctx, *args)))
-    return units
-
-
-@pytest.mark.parametrize("method, layers, units", [("uniform", 1, 2), ("block", 1, 1), ("uniform", 2, 1)])
-def test_full_recompute_gives_the_same_loss_and_gradients(cpu_rng_state_for_recompute, method, layers, units):
-    kept, recomputed = _policy(), _policy(recompute_granularity="full", recompute_method=method,
-                                          recompute_num_layers=layers)
+@pytest.mark.parametrize("method, layers, recomputed", [("uniform", 1, 2), ("block", 1, 1), ("uniform", 2, 2)])
+def test_full_recompute_gives_the_same_loss_and_main_grads(method, layers, recomputed):
+    kept, recomputing = _policy(), _policy(recompute_granularity="full", recompute_method=method,
+                                           recompute_num_layers=layers)
+    calls = []  # one entry per decoder-layer forward
+    for policy in (kept, recomputing):
+        for layer in policy.model.decoder.layers:
+            layer.register_forward_hook(lambda *args: calls.append(1))
     a = _step(kept)
-    assert not cpu_rng_state_for_recompute
-    b = _step(recomputed)
-    assert len(cpu_rng_state_for_recompute) == units * 2  # recompute units per micro-batch x 2 micro-batches
+    assert len(calls) == 2 * 2  # 2 layers x 2 micro-batches
+    calls.clear()
+    b = _step(recomputing)
+    assert len(calls) == (2 + recomputed) * 2  # the recomputed layers run again in the backward pass
     # The same operations on the same numbers, once more in the backward pass: equal to fp32 rounding.
     assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"])
     assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * a["grad_norm"]
-    for (name, p), q in zip(kept.model.named_parameters(), recomputed.model.parameters()):
+    for (name, p), q in zip(kept.model.named_parameters(), recomputing.model.parameters()):
         assert torch.allclose(p.main_grad, q.main_grad, rtol=1e-5, atol=1e-7), name
 
 
-@pytest.fixture
-def cuda_type_names(monkeypatch):
-    """Megatron's mixed-precision and distributed optimizers accept a parameter only if its type()
-    reads torch.cuda.{BFloat16,Float}Tensor; this lets CPU tensors of those dtypes pass, so the CUDA
-    code path (bf16 weights, fp32 main grads and main weights) runs here. Not a run-time patch: on CPU
-    runs use bf16 autocast."""
-    real = torch.Tensor.type
-    names = {torch.bfloat16: "torch.cuda.BFloat16Tensor", torch.float32: "torch.cuda.FloatTensor"}
-
-    def type_(self, *args, **kwargs):
-        if args or kwargs or self.dtype not in names:
-            return real(self, *args, **kwargs)
-        return names[self.dtype]
-
-    monkeypatch.setattr(torch.Tensor, "type", type_)
-
-
-def test_bf16_mixed_precision_keeps_fp32_main_weights_and_grads_and_tracks_fp32(cuda_type_names):
+def test_bf16_mixed_precision_keeps_fp32_main_weights_and_grads_and_tracks_fp32():
     from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
     mixed = _policy(precision="bf16")
@@ -195,16 +188,112 @@ def test_bf16_mixed_precision_keeps_fp32_main_weights_and_grads_and_tracks_fp32(
         # Adam's first step (bias-corrected, no weight decay): w -= lr * g / (|g| + eps), on the fp32 weights.
         expected = w0.double() - 1e-3 * g.double() / (g.double().abs() + 1e-8)
         assert torch.allclose(w1.double(), expected, rtol=0, atol=2e-7)
+        assert not torch.equal(w1, w0)
         assert torch.equal(p, w1.to(torch.bfloat16))  # the bf16 weights are the rounded fp32 ones
 
 
-def test_distributed_optimizer_on_one_rank_steps_like_the_mixed_precision_optimizer(cuda_type_names):
+def _optimizer_state(policy) -> dict[str, dict[str, torch.Tensor]]:
+    """Every parameter's fp32 main weight and Adam moments, flattened, under its Megatron name: the
+    plain optimizer holds them whole; the distributed one holds a slice per data-parallel rank,
+    gathered here (collective)."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    plain, sharded = _policy(precision="bf16"), _policy(precision="bf16", distributed_optimizer=True)
-    assert isinstance(sharded.optimizer.chained_optimizers[0], DistributedOptimizer)
-    for _ in range(2):
-        a, b = _step(plain), _step(sharded)
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
-    for p, q in zip(plain.model.parameters(), sharded.model.parameters()):
-        assert torch.equal(p, q)
+    from metaapo_nemo.distributed import all_gather_objects
+
+    inner = policy.optimizer.chained_optimizers[0]
+    names = {p: name for name, p in policy.model.named_parameters()}
+    if not isinstance(inner, DistributedOptimizer):
+        return {names[p]: {"param": p.main_param.flatten(), **{k: v.flatten() for k, v in inner.optimizer.state[
+            p.main_param].items() if k != "step"}} for group in inner.float16_groups for p in group}
+    mine = []
+    for p in inner.model_param_gbuf_map:
+        shard = inner._get_main_param_and_optimizer_states(p)
+        where = inner._get_model_param_range_map(p)["param"]
+        mine.append((names[p], where.start, where.end, {k: v.clone() for k, v in shard.items() if k != "step"}))
+    full = {}
+    for name, start, end, shard in (s for rank in all_gather_objects(mine) for s in rank):
+        numel = dict(policy.model.named_parameters())[name].numel()
+        for key, value in shard.items():
+            full.setdefault(name, {}).setdefault(key, torch.full((numel,), float("nan")))[start:end] = value
+    return full
+
+
+def _main_weights_held(policy) -> int:
+    inner = policy.optimizer.chained_optimizers[0]
+    return sum(m.numel() for group in inner.shard_fp32_from_float16_groups for m in group)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """2 ranks, DP=2, distributed optimizer: the directory with their checkpoint, and what `_worker` recorded."""
+    directory = tmp_path_factory.mktemp("dp2")
+    run_ranks(2, __file__, str(directory), timeout=120)
+    return directory, torch.load(directory / "out.pt", weights_only=True)
+
+
+def test_distributed_optimizer_at_dp2_steps_like_the_plain_optimizer_on_one_rank(two_ranks):
+    _, out = two_ranks
+    plain = _lipschitz_adam(_policy())
+    initial = {k: v.clone() for k, v in plain.model.named_parameters()}
+    losses = [_step(plain)["loss"] for _ in range(2)]
+    # The same sums in another order (one micro-batch per rank and a reduce-scatter instead of two
+    # micro-batches): rounding, ~1e-7 of each value, carried by Lipschitz steps.
+    assert out["losses"] == pytest.approx(losses, rel=1e-6)
+    for name, p in plain.model.named_parameters():
+        moved = (p - initial[name]).abs().max()
+        assert moved > 0, name
+        assert (out["weights"][name] - p).abs().max() <= 1e-4 * moved, name
+
+
+def test_distributed_optimizer_at_dp2_holds_half_of_the_main_weights_on_each_rank(two_ranks):
+    _, out = two_ranks
+    total = sum(p.numel() for p in _policy(precision="bf16").model.parameters())
+    held = out["main_weights_held"]
+    assert sum(held) == total  # each main weight on exactly one rank
+    assert all(0.45 * total <= n <= 0.55 * total for n in held), held
+
+
+def test_bf16_checkpoint_of_the_dp2_distributed_optimizer_loads_exactly_on_one_rank(two_ranks):
+    directory, out = two_ranks
+    loaded = _policy(precision="bf16", distributed_optimizer=True)
+    loaded.load_checkpoint(directory / "two_ranks")
+    state = _optimizer_state(loaded)
+    assert state.keys() == out["saved"].keys()
+    for name, tensors in out["saved"].items():
+        assert tensors.keys() == {"param", "exp_avg", "exp_avg_sq"}
+        for key, value in tensors.items():
+            assert torch.equal(state[name][key], value), (name, key)
+        weight = dict(loaded.model.named_parameters())[name]
+        assert torch.equal(weight.flatten(), tensors["param"].to(torch.bfloat16)), name
+    assert _step(loaded)["loss"] == pytest.approx(out["loss_of_next_step"], rel=1e-5)  # and it trains on
+
+
+# ------------------------------------------------------------------------------------------
+# The worker: every rank runs everything below.
+
+
+def _worker(directory: Path) -> None:
+    from metaapo_nemo.distributed import all_gather_objects, barrier, data_parallel_size, init_distributed, world_rank
+
+    torch.set_num_threads(1)
+    init_distributed()
+    assert data_parallel_size() == 2
+    sharded = _lipschitz_adam(_policy(distributed_optimizer=True))
+    out = {"losses": [_step(sharded)["loss"] for _ in range(2)],
+           "weights": {k: v.detach().clone() for k, v in sharded.model.named_parameters()}}
+    mixed = _policy(precision="bf16", distributed_optimizer=True)
+    out["main_weights_held"] = all_gather_objects(_main_weights_held(mixed))
+    _step(mixed), _step(mixed)
+    if world_rank() == 0:
+        (directory / "two_ranks").mkdir()
+    barrier()
+    mixed.save_checkpoint(directory / "two_ranks")
+    out["saved"] = _optimizer_state(mixed)
+    out["loss_of_next_step"] = _step(mixed)["loss"]
+    if world_rank() == 0:
+        torch.save(out, directory / "out.pt")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    _worker(Path(sys.argv[1]))

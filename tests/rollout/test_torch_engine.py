@@ -182,6 +182,19 @@ def test_refit_with_new_weights_gives_the_new_model_tokens_in_the_same_buffers()
     assert after == [[hf_greedy(new, p, 1, 8)] for p in PROMPTS]
 
 
+def test_release_frees_the_weights_until_the_next_refit():
+    model = hf_model(LLAMA, seed=6)
+    engine = engine_for(LLAMA, model, eos=1)
+    params = SamplingParams(num_samples=3, max_new_tokens=8, seed=4)
+    before = engine.generate(PROMPTS, params, prompt_seeds=[1, 2, 3, 4])
+    engine.release()
+    assert engine._slots == {} and engine._layers == [] and engine._embed is None  # nothing left to hold memory
+    with pytest.raises(RuntimeError, match="call refit"):
+        engine.generate(PROMPTS, params)
+    engine.refit(model.state_dict())
+    assert engine.generate(PROMPTS, params, prompt_seeds=[1, 2, 3, 4]) == before
+
+
 def test_refit_rejects_wrong_keys_and_shapes_and_keeps_the_old_weights():
     model = hf_model(LLAMA, seed=8)
     engine = engine_for(LLAMA, model, eos=1)
