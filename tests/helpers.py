@@ -17,21 +17,26 @@ def spread_weights(model: torch.nn.Module, seed: int, scale: float = 0.15, norm_
     return model.eval()
 
 
+def free_port() -> int:
+    """A local TCP port nobody holds right now (for torchrun's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_ranks(nproc: int, *args: str, timeout: int = 300):
     """`python -m torch.distributed.run --nproc-per-node NPROC *args` on a free local port, one torch
     thread per rank, the repository on the path; fails the test with the output's tail."""
     import os
-    import socket
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-addr", "127.0.0.1", "--master-port", str(port), *args]
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *args]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=root,
                           env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

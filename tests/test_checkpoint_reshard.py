@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import SHRUNK_TINY_CPU, run_ranks
+from tests.helpers import SHRUNK_TINY_CPU, free_port, run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS, MICRO_BATCH = 8, 2
@@ -79,7 +79,7 @@ def test_a_run_stopped_on_two_ranks_resumes_on_one_rank_and_finishes(tmp_path, l
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "COLUMNS": "200"}  # one log line a line
     with open(tmp_path / "two_ranks.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                                 "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+                                 "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
                                  *_run_args(out, cache, *extra)],
                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
         latest, deadline = out / "checkpoints" / "latest", time.time() + 600
@@ -126,14 +126,6 @@ def test_a_run_stopped_on_two_ranks_resumes_on_one_rank_and_finishes(tmp_path, l
             assert row["meta_buffer_pairs"] == pending, f"{layout}: meta update at step {row['step']}"
             pending, meta_steps = 0, meta_steps + 1
     assert meta_steps == summary["meta_updates"] >= 2
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------

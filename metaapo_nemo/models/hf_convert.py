@@ -125,23 +125,26 @@ def hf_config_from_model_config(cfg: ModelConfig, **extra):
 # Weights
 
 
-def _expected_hf_names(cfg: ModelConfig) -> list[str]:
-    names = ["model.embed_tokens.weight", "model.norm.weight"]
+def hf_weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The HF name and shape of every weight of `cfg`'s Llama/Qwen2 model (a tied head omitted)."""
+    h, f, v = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_query_groups * cfg.head_dim
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
     if not cfg.tie_word_embeddings:
-        names.append("lm_head.weight")
-    per_layer = [
-        *_LAYER_RENAMES,
-        *(f"self_attn.{p}_proj.weight" for p in "qkv"),
-        *(f"self_attn.{p}_proj.bias" for p in "qkv" if cfg.qkv_bias),
-        "mlp.gate_proj.weight",
-        "mlp.up_proj.weight",
-    ]
-    names += [f"model.layers.{i}.{n}" for i in range(cfg.num_layers) for n in per_layer]
-    return names
+        shapes["lm_head.weight"] = (v, h)
+    per_layer = {"input_layernorm.weight": (h,), "self_attn.o_proj.weight": (h, q),
+                 "post_attention_layernorm.weight": (h,), "mlp.down_proj.weight": (h, f),
+                 "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
+                 "self_attn.v_proj.weight": (kv, h), "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h)}
+    if cfg.qkv_bias:
+        per_layer |= {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)}
+    for i in range(cfg.num_layers):
+        shapes |= {f"model.layers.{i}.{name}": shape for name, shape in per_layer.items()}
+    return shapes
 
 
 def _check_hf_names(hf_state_dict: dict, cfg: ModelConfig) -> None:
-    expected = set(_expected_hf_names(cfg))
+    expected = set(hf_weight_shapes(cfg))
     # Not weights of the model: rotary tables some versions save; the tied head's second name.
     ignorable = re.compile(r"(.*rotary_emb\.inv_freq|lm_head\.weight)$")
     missing = sorted(expected - hf_state_dict.keys())

@@ -42,6 +42,18 @@ class SamplingParams:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
 
 
+def check_prompts(prompts: list[list[int]], vocab_size: int, prompt_seeds: list[int] | None = None) -> None:
+    """What every engine asks of a generate call: no empty prompt, token ids inside the
+    vocabulary, one seed per prompt when seeds are given."""
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        if min(p) < 0 or max(p) >= vocab_size:
+            raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab_size})")
+    if prompt_seeds is not None and len(prompt_seeds) != len(prompts):
+        raise ValueError(f"got {len(prompt_seeds)} prompt_seeds for {len(prompts)} prompts; give one per prompt")
+
+
 @dataclass
 class GenerationStats:
     """Cost of the last `generate` call, for tokens/s reporting."""

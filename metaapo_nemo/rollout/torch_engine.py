@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metaapo_nemo.models.config import LLAMA3_ROPE, ModelConfig
-from metaapo_nemo.rollout.engine import GenerationStats, SamplingParams
+from metaapo_nemo.rollout.engine import GenerationStats, SamplingParams, check_prompts
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -426,15 +426,10 @@ class TorchEngine:
             positions = positions + 1
         return [row[:n] for row, n in zip(out.tolist(), out_len.tolist())]
 
-    def _check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+    def _check_prompts(self, prompts: list[list[int]], max_new_tokens: int, prompt_seeds=None) -> None:
+        check_prompts(prompts, self.cfg.vocab_size, prompt_seeds)
         limit = self.cfg.max_position_embeddings
         for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-            if min(p) < 0 or max(p) >= self.cfg.vocab_size:
-                raise ValueError(
-                    f"prompt {i} has token ids outside the vocabulary [0, {self.cfg.vocab_size})"
-                )
             if len(p) + max_new_tokens > limit:
                 raise ValueError(
                     f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it "
@@ -457,10 +452,8 @@ class TorchEngine:
             raise ValueError(
                 f"num_samples {params.num_samples} exceeds max_batch_size {self.max_batch_size}"
             )
-        self._check_prompts(prompts, params.max_new_tokens)
+        self._check_prompts(prompts, params.max_new_tokens, prompt_seeds)
         start = time.perf_counter()
-        if prompt_seeds is not None and len(prompt_seeds) != len(prompts):
-            raise ValueError(f"got {len(prompt_seeds)} prompt_seeds for {len(prompts)} prompts; give one per prompt")
         generator = torch.Generator(self.device).manual_seed(params.seed)
         by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         per_batch = self.max_batch_size // params.num_samples

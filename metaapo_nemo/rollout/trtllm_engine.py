@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 
 from metaapo_nemo.models.config import ModelConfig
-from metaapo_nemo.models.hf_convert import save_hf_checkpoint
-from metaapo_nemo.rollout.engine import GenerationStats, SamplingParams
+from metaapo_nemo.models.hf_convert import hf_weight_shapes, save_hf_checkpoint
+from metaapo_nemo.rollout.engine import GenerationStats, SamplingParams, check_prompts
 
 TRTLLM_IMAGE = "nvcr.io/nvidia/tensorrt-llm/release:1.2.0"  # keep equal to containers/Dockerfile's BASE_IMAGE
 
@@ -62,26 +62,6 @@ def stop_token_ids(tokenizer) -> list[int]:
     vocab = tokenizer.get_vocab()
     ids += [vocab[t] for t in CHAT_END_TOKENS if t in vocab]
     return list(dict.fromkeys(i for i in ids if i is not None))
-
-
-def hf_weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """The HF name and shape of every weight of `cfg`'s Llama/Qwen2 model (tied head omitted)."""
-    h, f, v = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_query_groups * cfg.head_dim
-    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (v, h)
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        shapes |= {f"{p}self_attn.q_proj.weight": (q, h), f"{p}self_attn.k_proj.weight": (kv, h),
-                   f"{p}self_attn.v_proj.weight": (kv, h), f"{p}self_attn.o_proj.weight": (h, q),
-                   f"{p}mlp.gate_proj.weight": (f, h), f"{p}mlp.up_proj.weight": (f, h),
-                   f"{p}mlp.down_proj.weight": (h, f), f"{p}input_layernorm.weight": (h,),
-                   f"{p}post_attention_layernorm.weight": (h,)}
-        if cfg.qkv_bias:
-            shapes |= {f"{p}self_attn.q_proj.bias": (q,), f"{p}self_attn.k_proj.bias": (kv,),
-                       f"{p}self_attn.v_proj.bias": (kv,)}
-    return shapes
 
 
 def export_root(nbytes: int, candidates: tuple[str, ...] = ("/dev/shm", tempfile.gettempdir())) -> str:
@@ -184,9 +164,8 @@ class TrtllmEngine:
         self._check_usable()
         if self.weights_dir is None:
             raise RuntimeError("the engine has no weights yet: call refit(policy_state_dict) first")
+        check_prompts(prompts, self.cfg.vocab_size, prompt_seeds)
         self._check_prompts(prompts, params)
-        if prompt_seeds is not None and len(prompt_seeds) != len(prompts):
-            raise ValueError(f"got {len(prompt_seeds)} prompt_seeds for {len(prompts)} prompts; give one per prompt")
         if prompt_seeds is None:  # one seed for the call, as the torch engine does
             rng = random.Random(params.seed)
             prompt_seeds = [rng.getrandbits(63) for _ in prompts]
@@ -284,10 +263,6 @@ class TrtllmEngine:
             raise ValueError(f"max_new_tokens {params.max_new_tokens} exceeds the {self.max_new_tokens} the engine "
                              "was built for (rollout.max_new_tokens)")
         for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-            if min(p) < 0 or max(p) >= self.cfg.vocab_size:
-                raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {self.cfg.vocab_size})")
             if len(p) > self.max_prompt_length:
                 raise ValueError(f"prompt {i} has {len(p)} tokens, more than the engine's max_prompt_length "
                                  f"{self.max_prompt_length} (policy.max_prompt_length): truncate it")
