@@ -3,6 +3,7 @@ containers and sbatch scripts that call torchrun directly, and the reward server
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -31,33 +32,64 @@ def _run(args: argparse.Namespace) -> int:
     import json
 
     from metaapo_nemo.config import ConfigError, apply_overrides
-    from metaapo_nemo.launch.plan import describe_plan, require_gpus
+    from metaapo_nemo.launch.plan import describe_plan
     from metaapo_nemo.recipes import get_recipe
 
     try:
         config = get_recipe(args.recipe)
         apply_overrides(config, args.overrides)
-        if args.dryrun:  # show the plan even when it could not run yet, and say why
-            print(json.dumps(config.to_dict(), indent=2))
-            print(describe_plan(config, recipe=args.recipe))
-        config.validate()
-        if not args.dryrun:
-            import torch
-
-            require_gpus(config, torch.cuda.is_available())  # before megatron and the models load
     except ConfigError as e:
-        print(f"{'note' if args.dryrun else 'error'}: {e}", file=sys.stderr)
-        return 0 if args.dryrun else 2
+        return refuse(e)
     except KeyError as e:
-        print(f"error: {e.args[0]}", file=sys.stderr)
-        return 2
-    if args.dryrun:
-        return 0
-    from metaapo_nemo.algorithm.metaapo import run_metaapo
+        return refuse(e.args[0])
+    if not args.dryrun:
+        return run_job(config)
+    # Show the plan even when it could not run yet, and say why.
+    print(json.dumps(config.to_dict(), indent=2))
+    print(describe_plan(config, recipe=args.recipe))
+    try:
+        config.validate()
+    except ConfigError as e:
+        print(f"note: {e}", file=sys.stderr)
+    return 0
+
+
+def run_job(config) -> int:
+    """Run MetaAPO on this rank and return its exit status: 0 done, 2 a configuration the user must
+    change (ConfigError, found before or during set-up), 3 a reward server that failed, 128+N stopped by signal N. A SystemExit of
+    the loop (stopping.EXIT_REQUEUE after the checkpoint signal) passes through. Only global rank 0
+    says why, so torchrun's N ranks print one line, not N."""
+    from metaapo_nemo import stopping
+    from metaapo_nemo.config import ConfigError
+    from metaapo_nemo.launch.plan import require_gpus
+    from metaapo_nemo.reward.client import RewardServerError
 
     try:
+        config.validate()
+        stopping.install(config.trainer.checkpoint_signal)
+        import torch
+
+        require_gpus(config, torch.cuda.is_available())  # before megatron and the models load
+        from metaapo_nemo.algorithm.metaapo import run_metaapo
+
         run_metaapo(config)
-    except ConfigError as e:  # found at set-up (e.g. a checkpoint the settings cannot resume)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ConfigError as e:
+        return refuse(e)
+    except RewardServerError as e:  # said by the rank that met it: the others fail after it, in a collective
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 3
+    except stopping.RunStopped as e:
+        _on_rank0(str(e))
+        return stopping.exit_status(e)
     return 0
+
+
+def refuse(problem) -> int:
+    """Say `problem` (something the user must change) on rank 0; return the exit status for it."""
+    _on_rank0(f"error: {problem}")
+    return 2
+
+
+def _on_rank0(line: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(line, file=sys.stderr, flush=True)

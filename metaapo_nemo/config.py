@@ -49,8 +49,11 @@ class RewardConfig:
     token: Optional[str] = None  # bearer token for the server
     reward_fn: Optional[str] = None  # MODULE:FUNCTION served by the local server when url is None
     model_dir: Optional[str] = None  # or a Bradley-Terry reward model folder served locally
-    timeout_s: float = 120.0  # per HTTP request
-    max_retries: int = 3  # retries on connection errors, timeouts and 5xx (requests are idempotent)
+    timeout_s: float = 120.0  # one try of one request, answer included
+    max_retries: int = 3  # retries on connection errors, timeouts, 429 and 5xx (requests are idempotent)
+    # The whole of one request, retries and waits included: a reward server that dies and is
+    # restarted within this budget is waited for; None: (1 + max_retries) tries of timeout_s.
+    call_timeout_s: Optional[float] = 600.0
     batch_size: int = 256  # (prompt, response) pairs per request
 
 
@@ -109,6 +112,15 @@ class TrainerConfig:
     recompute_granularity: Optional[str] = None
     recompute_method: Optional[str] = None
     recompute_num_layers: Optional[int] = None
+    # Checkpoints (README "Operations"): one after the annotation of every iteration, one at every
+    # iteration end, and one every save_every_steps optimiser steps in training (None: none).
+    save_every_steps: Optional[int] = None
+    # "SIGUSR1", "SIGUSR2" or "SIGTERM": this signal makes every rank checkpoint at the next
+    # optimiser-step boundary and exit with status 75, for a requeue (Slurm's --signal=USR1@300).
+    # None: SIGINT and SIGTERM stop the run at once (the last checkpoint is where it resumes).
+    checkpoint_signal: Optional[str] = None
+    # Optimiser steps skipped for a NaN or inf loss or gradient before the run stops.
+    max_skipped_steps: int = 10
 
 
 @dataclass
@@ -161,6 +173,7 @@ class MetaAPOConfig:
             "trainer.micro_batch_size": self.trainer.micro_batch_size, "rollout.max_new_tokens": self.rollout.max_new_tokens,
             "trainer.epochs_per_iteration": self.trainer.epochs_per_iteration,
             "rollout.max_batch_size": self.rollout.max_batch_size,
+            "trainer.max_skipped_steps": self.trainer.max_skipped_steps,
         }
         problems += [f"{k}={v}: must be a positive integer" for k, v in positive.items() if not (isinstance(v, int) and v > 0)]
         if self.trainer.global_batch_size % self.trainer.micro_batch_size:
@@ -171,6 +184,9 @@ class MetaAPOConfig:
                             f"{self.algo.num_samples}: a prompt's K samples decode together")
         if self.algo.num_samples < 2:
             problems.append("algo.num_samples must be >= 2: the online pair is the best and worst of K samples")
+        if self.policy.max_prompt_length >= self.policy.max_length:
+            problems.append(f"policy.max_prompt_length={self.policy.max_prompt_length} must be below policy.max_length="
+                            f"{self.policy.max_length}: a prompt that long leaves no room for its response")
         if self.algo.beta <= 0:
             problems.append(f"algo.beta={self.algo.beta}: must be > 0")
         if not 0 <= self.algo.label_smoothing < 0.5:
@@ -189,6 +205,20 @@ class MetaAPOConfig:
                                 "trainer.recompute_method and trainer.recompute_num_layers unset (None)")
         elif t.recompute_granularity is not None:
             problems.append(f"trainer.recompute_granularity={t.recompute_granularity!r}: use None, 'selective' or 'full'")
+        if t.save_every_steps is not None and not (isinstance(t.save_every_steps, int) and t.save_every_steps > 0):
+            problems.append(f"trainer.save_every_steps={t.save_every_steps!r}: a positive integer, or None for no "
+                            "checkpoints inside training")
+        if t.checkpoint_signal not in (None, "SIGUSR1", "SIGUSR2", "SIGTERM"):
+            problems.append(f"trainer.checkpoint_signal={t.checkpoint_signal!r}: use SIGUSR1, SIGUSR2, SIGTERM or None")
+        r = self.reward
+        if not (isinstance(r.timeout_s, (int, float)) and r.timeout_s > 0):
+            problems.append(f"reward.timeout_s={r.timeout_s!r}: must be > 0 seconds")
+        if r.call_timeout_s is not None and not (isinstance(r.call_timeout_s, (int, float))
+                                                 and r.call_timeout_s >= r.timeout_s):
+            problems.append(f"reward.call_timeout_s={r.call_timeout_s!r}: must be >= reward.timeout_s ({r.timeout_s}), "
+                            "or None")
+        if not (isinstance(r.max_retries, int) and r.max_retries >= 0):
+            problems.append(f"reward.max_retries={r.max_retries!r}: must be an integer >= 0")
         if not isinstance(t.use_distributed_optimizer, bool):
             problems.append(f"trainer.use_distributed_optimizer={t.use_distributed_optimizer!r}: use true or false")
         if not 0 < self.rollout.top_p <= 1:

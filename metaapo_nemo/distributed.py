@@ -8,9 +8,8 @@ import socket
 import torch
 import torch.distributed as dist
 
-from megatron.core import parallel_state
-
-from metaapo_nemo.models import cpu_compat
+from metaapo_nemo.models import cpu_compat  # first: it quiets megatron's import-time warnings
+from megatron.core import parallel_state  # noqa: I001
 
 
 def _free_port() -> int:

@@ -66,11 +66,19 @@ class MetricsWriter:
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
-    def truncate_after(self, iteration: int) -> None:
-        """Drop lines of iterations past `iteration` (left by a run interrupted mid-iteration)."""
+    def line_count(self) -> int:
+        """Lines written so far (a checkpoint records it, and a resume cuts the file back to it)."""
+        if not self.path.exists():
+            return 0
+        with open(self.path, "rb") as f:
+            return sum(1 for _ in f)
+
+    def truncate_to(self, lines: int) -> None:
+        """Keep the first `lines` lines: what a run interrupted after its checkpoint wrote is dropped."""
         if self.enabled and self.path.exists():
-            rows = [r for r in self.read() if r["iteration"] <= iteration]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            with open(self.path, "rb") as f:
+                kept = [line for _, line in zip(range(lines), f)]
+            self.path.write_bytes(b"".join(kept))
 
 
 def _plain(value):

@@ -9,6 +9,9 @@ For each of N sequential slices of the offline data:
      w recomputed under no_grad at every step; every T_meta optimiser steps h_phi takes a step on
      the meta buffer (Eq. 6);
   7. evaluate on held-out prompts, log, checkpoint.
+Checkpoints are also taken after step 5 (what was annotated is kept) and every
+trainer.save_every_steps steps of 6, so a resumed run continues inside the iteration; every reward
+ever paid for is kept in a ledger (reward/ledger.py) and never asked for again.
 The baselines and ablations are `Strategy` settings of this same loop (strategies.py).
 """
 from __future__ import annotations
@@ -17,6 +20,7 @@ import ast
 import json
 import os
 import random
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,11 +33,20 @@ from metaapo_nemo.algorithm.objectives import Objective, PairLogps, meta_weighte
 from metaapo_nemo.algorithm.pairs import build_online_pair, build_selm_pair
 from metaapo_nemo.algorithm.sampling import sample_seeds, uniform_draws
 from metaapo_nemo.algorithm.strategies import Strategy, loss_weights, offline_weight, resolve_strategy, select_for_sampling
+from metaapo_nemo import faults, stopping
 from metaapo_nemo.config import ConfigError, MetaAPOConfig
 from metaapo_nemo.distributed import (
-    all_gather_objects, barrier, broadcast_module, data_parallel_size, is_loss_rank, world_rank, world_size,
+    all_gather_objects, all_reduce_sum, barrier, broadcast_module, data_parallel_size, is_loss_rank, world_rank, world_size,
 )
 from metaapo_nemo.metrics import Console, MetricsWriter
+
+
+class TrainingDiverged(ConfigError):
+    """Too many optimiser steps with a NaN or inf loss or gradient: the user must change something
+    (the learning rate, the data), so it ends the run with one line, like a bad config key."""
+
+
+CHECKPOINT_NAME = re.compile(r"iter_\d+(_annotated|_step_\d+)?")
 
 
 @dataclass
@@ -65,6 +78,26 @@ class RunState:
                                                        training=0.0, evaluation=0.0, meta=0.0))
     train_tokens: int = 0
     generated_tokens: int = 0
+    skipped_steps: int = 0  # optimiser steps skipped for a NaN or inf loss or gradient
+    checkpoints: int = 0  # checkpoints written; the newest has the highest number
+
+
+@dataclass
+class IterationState:
+    """What iteration t has decided and paid for, saved in the checkpoints taken inside it (after
+    the annotation, every trainer.save_every_steps steps) so a resumed run continues mid-iteration
+    instead of sampling and annotating again: the sampling decision, the annotated online pairs,
+    the cached reference log-probs, and how far training got."""
+    selected: list  # per offline pair of the slice: sent for online samples
+    online: dict  # prompt_id -> (chosen ids, rejected ids) of its online pair
+    ref_off: torch.Tensor | None  # reference log-probs of the slice's offline (chosen..., rejected...)
+    ref_on: torch.Tensor | None  # and of the online pairs, in the order of `with_online`
+    meta_weight_mean: float | None
+    score_offline_mean: float | None
+    steps_done: int = 0  # training batches of this iteration already consumed
+
+    def with_online(self, examples: list) -> list[int]:
+        return [i for i, sel in enumerate(self.selected) if sel and examples[i].prompt_id in self.online]
 
 
 def run_metaapo(config: MetaAPOConfig) -> dict:
@@ -88,11 +121,15 @@ class MetaAPORun:
 
         # Before anything loads: a run that asks for GPUs on a machine without them stops here, in one line.
         require_gpus(self.config, torch.cuda.is_available())
+        from metaapo_nemo.preflight import check_inputs
+
+        # Every path, file and record the user named, checked before megatron and the models load;
+        # every rank finds the same problem, so none waits for another in a collective.
+        inputs = check_inputs(self.config)
         on_gpu = use_cuda(self.config)  # from here on, every part of the run computes there
         from transformers import AutoTokenizer
 
         from metaapo_nemo.data.batching import encode_prompt
-        from metaapo_nemo.data.schema import load_eval_prompts, load_preferences
         from metaapo_nemo.distributed import init_distributed, is_rank0
         from metaapo_nemo.models.hf_convert import load_hf_checkpoint
         from metaapo_nemo.models.policy import MegatronPolicy, OptimConfig
@@ -108,6 +145,7 @@ class MetaAPORun:
         self.out.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsWriter(self.out / "metrics.jsonl", enabled=self.rank0)
         self.state = RunState()
+        self._last_checkpoint = None  # the newest complete checkpoint, kept when the next one is written
         torch.manual_seed(c.seed)
         random.seed(c.seed)
 
@@ -122,6 +160,7 @@ class MetaAPORun:
             c.data.eval = c.data.eval or built.eval
             if c.reward.url is None and c.reward.model_dir is None:
                 c.reward.reward_fn = c.reward.reward_fn or built.reward_fn
+            inputs = check_inputs(c)  # now with the task's own files in the keys the user left unset
         self.state.seconds["prepare"] = time.perf_counter() - started
 
         self.tokenizer = AutoTokenizer.from_pretrained(c.policy.hf_path)
@@ -131,7 +170,7 @@ class MetaAPORun:
         ref_path = c.reference.hf_path or c.policy.hf_path
         ref_cfg, ref_weights = (model_cfg, policy_weights) if ref_path == c.policy.hf_path else load_hf_checkpoint(ref_path)
         if ref_cfg != model_cfg:
-            raise ValueError(f"reference.hf_path={ref_path} has a different architecture from policy.hf_path="
+            raise ConfigError(f"reference.hf_path={ref_path} has a different architecture from policy.hf_path="
                              f"{c.policy.hf_path}: the reference must be the policy's SFT ancestor")
         self.model_cfg = model_cfg
         p = c.policy
@@ -169,20 +208,26 @@ class MetaAPORun:
                                                                token=c.reward.token, log_file=str(self.out / "reward_server.log"))
             urls = [all_gather_objects(self.reward_server.url if self.rank0 else None)[0]]
         self.reward = RewardClient(urls, token=c.reward.token, timeout_s=c.reward.timeout_s,
-                                   max_retries=c.reward.max_retries, batch_size=c.reward.batch_size)
+                                   max_retries=c.reward.max_retries, batch_size=c.reward.batch_size,
+                                   call_timeout_s=c.reward.call_timeout_s)
         self.reward.wait_until_healthy(c.reward.timeout_s)
+        from metaapo_nemo.reward.ledger import RewardLedger
 
-        records, skipped = load_preferences(c.data.train, skip_invalid=c.data.skip_invalid)
+        # Rewards are paid once: a resumed run (and a repeated sample) is answered from the ledger.
+        identity = c.reward.reward_fn or c.reward.model_dir or ",".join(urls)
+        self.ledger = RewardLedger(self.out / "rewards", world_rank(), self.reward, identity)
+
+        records, skipped = inputs.records, inputs.skipped
         if c.data.max_train_pairs:
             records = records[: c.data.max_train_pairs]
         self.examples, truncated = self._tokenize(records)
-        eval_prompts, eval_skipped = load_eval_prompts(c.data.eval, skip_invalid=c.data.skip_invalid)
-        eval_prompts = [e.prompt for e in eval_prompts[: c.data.max_eval_prompts]]
+        eval_skipped = inputs.eval_skipped
+        eval_prompts = [e.prompt for e in inputs.eval_prompts[: c.data.max_eval_prompts]]
         self.eval_prompts = [self._prompt_text(p) for p in eval_prompts]
         self.eval_ids = [encode_prompt(self.tokenizer, p)[-c.policy.max_prompt_length:] for p in eval_prompts]
         n = len(self.examples)
         if n < c.algo.iterations:
-            raise ValueError(f"{n} preference pairs cannot fill algo.iterations={c.algo.iterations} slices")
+            raise ConfigError(f"{n} preference pairs cannot fill algo.iterations={c.algo.iterations} slices")
         bounds = [round(i * n / c.algo.iterations) for i in range(c.algo.iterations + 1)]
         self.slices = [list(range(bounds[i], bounds[i + 1])) for i in range(c.algo.iterations)]
         n_params = sum(t.numel() for t in self.policy.model.parameters())
@@ -220,20 +265,23 @@ class MetaAPORun:
                 _print_summary(summary)
             return summary
         run_started = time.perf_counter()
-        self.setup()
-        c = self.config
         try:
+            self.setup()
+            c = self.config
             resumed = self._load_checkpoint()
             s = self.state
-            if not resumed:
-                self.metrics.truncate_after(-1)  # lines of a run that stopped before its first checkpoint
+            if resumed is None:
+                self.metrics.truncate_to(0)  # lines of a run that stopped before its first checkpoint
                 self.metrics.write("setup", 0, 0, **self.setup_info)
                 s.reward_initial = self._evaluate(iteration=0)
                 self.console.log(f"held-out reward of the starting policy: {s.reward_initial:.4f}")
+                self._save_checkpoint("iter_0")
+            in_progress = resumed if isinstance(resumed, IterationState) else None
             for t in range(s.iteration, c.algo.iterations):
-                self._iteration(t)
+                self._iteration(t, in_progress)
+                in_progress = None
                 s.iteration = t + 1
-                self._save_checkpoint()
+                self._save_checkpoint(f"iter_{t + 1}")
             self.policy_to_hf(self.out / "final")
             s.seconds["total"] = time.perf_counter() - run_started + s.seconds.get("total_before_resume", 0.0)
             summary = self._summary(finished=True)
@@ -246,15 +294,43 @@ class MetaAPORun:
             barrier()  # the local reward server stops only when every rank is done with it
             return summary
         finally:
-            if self.reward_server is not None:
+            if getattr(self, "reward_server", None) is not None:
                 self.reward_server.stop()
             if hasattr(self, "reward"):
                 self.reward.close()
+            if hasattr(self, "ledger"):
+                self.ledger.close()
 
-    def _iteration(self, t: int) -> None:
-        c, s, strategy = self.config, self.state, self.strategy
+    def _iteration(self, t: int, resume: IterationState | None) -> None:
+        c, s = self.config, self.state
         examples = [self.examples[i] for i in self.slices[t]]
-        self.console.log(f"[bold]iteration {t + 1}/{c.algo.iterations}[/bold]: {len(examples)} offline pairs")
+        self.console.log(f"[bold]iteration {t + 1}/{c.algo.iterations}[/bold]: {len(examples)} offline pairs"
+                         + (f" (resumed after {resume.steps_done} training steps)" if resume else ""))
+        it = resume or self._decide_and_annotate(t, examples)
+        for e in examples:
+            e.online = it.online.get(e.prompt_id)
+
+        # 6. Train one epoch (Eq. 5), meta-learner steps every T_meta optimiser steps (Eq. 6).
+        n, with_online = len(examples), it.with_online(examples)
+        items = [TrainItem(i, on_slot=k, offline_only=False) for k, i in enumerate(with_online)]
+        if self.strategy.weighting == "offline_only":
+            items = [TrainItem(i, None, offline_only=True) for i in range(n)]
+        elif self.strategy.train_unselected_offline:
+            items += [TrainItem(i, None, offline_only=True) for i in range(n) if not it.selected[i]]
+        self._train(t, examples, items, it)
+
+        # 7. Evaluate, log, checkpoint (by the caller).
+        reward = self._evaluate(t + 1)
+        s.rewards.append(reward)
+        self.metrics.write("iteration", s.step, t + 1, reward=reward, annotated=sum(it.selected), considered=n,
+                           online_pairs=len(with_online), meta_weight_mean=it.meta_weight_mean,
+                           score_offline_mean=it.score_offline_mean,
+                           meta_curve=self._meta_curve(), annotation_ratio=s.annotated / max(1, s.considered))
+        self.console.log(f"  held-out reward after iteration {t + 1}: {reward:.4f} (start {s.reward_initial:.4f})")
+
+    def _decide_and_annotate(self, t: int, examples: list[Example]) -> IterationState:
+        """Phases 1-5 of iteration t; ends with the checkpoint that keeps what they paid for."""
+        c, s, strategy = self.config, self.state, self.strategy
         if c.reference.roll_forward and t > 0 and self.reference is not None:
             self.reference.load_hf_state_dict(self.policy.hf_state_dict())
 
@@ -271,6 +347,7 @@ class MetaAPORun:
             logps = PairLogps(pol[:n], pol[n:], *_split(ref_off, n), ntok[:n], ntok[n:])
             score_off, loss_off = self.objective.score(logps), self.objective.loss(logps)
             w = offline_weight(strategy, self.meta, score_off) if strategy.weighting in ("meta", "fixed_sigmoid") else None
+        faults.point("scoring")
         s.seconds["scoring"] += time.perf_counter() - started
 
         # 2. Decide who gets online samples: u drawn per (seed, iteration, prompt id).
@@ -284,44 +361,31 @@ class MetaAPORun:
                          + (f" (mean meta weight {float(w.mean()):.3f})" if w is not None else ""))
 
         # 3-5. Refit, generate K responses, annotate with the reward server, build online pairs.
-        for e in examples:
-            e.online = None
-        if chosen_idx:
-            self._online_pairs(t, [examples[i] for i in chosen_idx])
-        with_online = [i for i in chosen_idx if examples[i].online is not None]
+        online = self._online_pairs(t, [examples[i] for i in chosen_idx]) if chosen_idx else {}
+        with_online = [i for i in chosen_idx if examples[i].prompt_id in online]
         ref_on = None
         if with_online:
             started = time.perf_counter()
-            online = [(examples[i].prompt, examples[i].online[0]) for i in with_online] + \
-                     [(examples[i].prompt, examples[i].online[1]) for i in with_online]
-            ref_on = self._reference_logps(online)
+            pairs = [online[examples[i].prompt_id] for i in with_online]
+            ref_on = self._reference_logps([(examples[i].prompt, p[0]) for i, p in zip(with_online, pairs)]
+                                           + [(examples[i].prompt, p[1]) for i, p in zip(with_online, pairs)])
             s.seconds["scoring"] += time.perf_counter() - started
-
-        # 6. Train one epoch (Eq. 5), meta-learner steps every T_meta optimiser steps (Eq. 6).
-        items = [TrainItem(i, on_slot=k, offline_only=False) for k, i in enumerate(with_online)]
-        if strategy.weighting == "offline_only":
-            items = [TrainItem(i, None, offline_only=True) for i in range(n)]
-        elif strategy.train_unselected_offline:
-            items += [TrainItem(i, None, offline_only=True) for i in range(n) if not selected[i]]
-        self._train(t, examples, items, ref_off, ref_on, len(with_online))
-
-        # 7. Evaluate, log, checkpoint (by the caller).
-        reward = self._evaluate(t + 1)
-        s.rewards.append(reward)
-        self.metrics.write("iteration", s.step, t + 1, reward=reward, annotated=len(chosen_idx), considered=n,
-                           online_pairs=len(with_online), meta_weight_mean=float(w.mean()) if w is not None else None,
-                           score_offline_mean=float(score_off.mean()) if score_off is not None else None,
-                           meta_curve=self._meta_curve(), annotation_ratio=s.annotated / max(1, s.considered))
-        self.console.log(f"  held-out reward after iteration {t + 1}: {reward:.4f} (start {s.reward_initial:.4f})")
+        it = IterationState(selected=selected, online=online, ref_off=None if ref_off is None else ref_off[0],
+                            ref_on=None if ref_on is None else ref_on[0],
+                            meta_weight_mean=float(w.mean()) if w is not None else None,
+                            score_offline_mean=float(score_off.mean()) if score_off is not None else None)
+        self._save_checkpoint(f"iter_{t + 1}_annotated", it)
+        return it
 
     def _reference_logps(self, sequences):
         if self.reference is None:
             return None
         return self.reference.score(sequences)
 
-    def _online_pairs(self, t: int, chosen: list[Example]) -> None:
-        """Refit, generate K responses, annotate, build pairs. Each rank takes every world_size-th
-        selected prompt; the pairs are then gathered so every rank trains on the same set."""
+    def _online_pairs(self, t: int, chosen: list[Example]) -> dict:
+        """Refit, generate K responses, annotate, build pairs: {prompt_id: (chosen ids, rejected ids)}.
+        Each rank takes every world_size-th selected prompt; the pairs are then gathered so every
+        rank trains on the same set."""
         c, s = self.config, self.state
         self.engine.refit(self.policy.hf_state_dict())
         mine = chosen[world_rank()::world_size()]
@@ -331,8 +395,6 @@ class MetaAPORun:
             release()  # the engine's GPU memory goes back to training
         parts = all_gather_objects(local)
         pairs = {pid: pair for part in parts for pid, pair in part["pairs"].items()}
-        for e in chosen:
-            e.online = pairs.get(e.prompt_id)
         ties = sum(p["ties"] for p in parts)
         rewards = [r for p in parts for r in p["rewards"]]
         gaps = [g for p in parts for g in p["gaps"]]
@@ -348,6 +410,7 @@ class MetaAPORun:
         self.metrics.write("annotation", s.step, t + 1, samples=len(rewards), sample_reward_mean=sum(rewards) / max(1, len(rewards)),
                            ties=ties, online_pairs=len(pairs), reward_gap_mean=sum(gaps) / max(1, len(gaps)),
                            sampling_seconds=sampling, generation_tokens_per_s=tokens / max(sampling, 1e-9))
+        return pairs
 
     def _sample_and_annotate(self, t: int, chosen: list[Example]) -> dict:
         from metaapo_nemo.rollout.engine import SamplingParams
@@ -359,6 +422,7 @@ class MetaAPORun:
         seeds = sample_seeds(c.seed, 1 + t, [e.prompt_id for e in chosen])
         samples = self.engine.generate([e.prompt for e in chosen], params, prompt_seeds=seeds)
         sampling, tokens = time.perf_counter() - started, self.engine.stats.new_tokens
+        faults.point("sampling")
 
         started = time.perf_counter()
         texts = [[self.tokenizer.decode(r, skip_special_tokens=True) for r in rs] for rs in samples]
@@ -367,7 +431,7 @@ class MetaAPORun:
         if self.strategy.pairs == "selm":
             prompts += [e.prompt_text for e in chosen for _ in range(2)]
             flat += [x for e in chosen for x in (e.chosen_text, e.rejected_text)]
-        rewards = self.reward.score(prompts, flat)
+        rewards = self.ledger.score(prompts, flat)
         annotation = time.perf_counter() - started
 
         k, ties, gaps, pairs = c.algo.num_samples, 0, [], {}
@@ -390,14 +454,17 @@ class MetaAPORun:
         return {"pairs": pairs, "ties": ties, "rewards": rewards[:len(chosen) * k], "gaps": gaps, "tokens": tokens,
                 "sampling": sampling, "annotation": annotation}
 
-    def _train(self, t, examples, items, ref_off, ref_on, n_online) -> None:
+    def _train(self, t, examples, items, it: IterationState) -> None:
         from metaapo_nemo.data.batching import collate
 
         c, s, strategy, obj = self.config, self.state, self.strategy, self.objective
         if not items:
             self.console.log("  nothing to train on in this iteration")
             return
-        self.policy.reset_schedule()
+        if it.steps_done == 0:
+            self.policy.reset_schedule()
+        ref_off, ref_on, n_online = it.ref_off, it.ref_on, sum(1 for item in items if item.on_slot is not None)
+        pending_meta = []  # the step's meta-buffer pairs: buffered once the step is known to be finite
         needs_offline = strategy.weighting != "online_only"
         n = len(examples)
         pad = self.tokenizer.pad_token_id
@@ -405,8 +472,7 @@ class MetaAPORun:
         def slice_ref(ref, idx, half):
             if ref is None:
                 return None, None
-            logp = ref[0]
-            return logp[idx], logp[[i + half for i in idx]]
+            return ref[idx], ref[[i + half for i in idx]]
 
         def make_batch(batch: list[TrainItem]):
             off_idx = [it.example for it in batch]
@@ -442,7 +508,7 @@ class MetaAPORun:
             w_on = torch.where(offline_only, torch.zeros_like(w_on), w_on)
             loss = meta_weighted_loss(w_off, w_on, loss_off, loss_on) * b
             if needs_offline and m and is_loss_rank():
-                self.meta_buffer.add(score_off[on_items], loss_off.detach()[on_items], loss_on.detach()[on_items])
+                pending_meta.append((score_off[on_items], loss_off.detach()[on_items], loss_on.detach()[on_items]))
             stats = dict(loss=float(loss.detach()), n=b, n_online=m, loss_offline=float(loss_off.detach().sum()),
                          loss_online=float(loss_on.detach().sum()), meta_weight=float(w_off.sum()),
                          score_offline=float(score_off.sum()), score_online=float(score_on.sum()))
@@ -451,23 +517,53 @@ class MetaAPORun:
         order = list(range(len(items)))
         gbs, mbs = c.trainer.global_batch_size, c.trainer.micro_batch_size
         steps_per_epoch = -(-len(items) // gbs)
-        with self.console.progress(f"train it{t + 1}", total=steps_per_epoch * c.trainer.epochs_per_iteration) as advance:
-            for epoch in range(c.trainer.epochs_per_iteration):
-                random.Random(_derive_seed(c.seed, t, 2 + epoch)).shuffle(order)
-                for start in range(0, len(order), gbs):
-                    st = self.policy.train_step([items[i] for i in order[start:start + gbs]], make_batch, loss_fn, mbs)
-                    s.seconds["training"] += st["seconds"]
+        batches = []
+        for epoch in range(c.trainer.epochs_per_iteration):
+            random.Random(_derive_seed(c.seed, t, 2 + epoch)).shuffle(order)
+            batches += [order[start:start + gbs] for start in range(0, len(order), gbs)]
+        with self.console.progress(f"train it{t + 1}", total=len(batches) - it.steps_done) as advance:
+            for k in range(it.steps_done, len(batches)):
+                pending_meta.clear()
+                st = self.policy.train_step([items[i] for i in batches[k]], make_batch, loss_fn, mbs)
+                it.steps_done = k + 1
+                s.seconds["training"] += st["seconds"]
+                if st.get("skipped"):
+                    self._skipped_step(t, st)
+                else:
+                    for pairs in pending_meta:
+                        self.meta_buffer.add(*pairs)
                     s.train_tokens += int(st["tokens"])
                     s.step += 1
-                    k, m = st["n"], max(1, st["n_online"])
-                    row = dict(loss=st["loss"] / k, loss_offline=st["loss_offline"] / k, loss_online=st["loss_online"] / m,
-                               meta_weight_mean=st["meta_weight"] / k, score_offline=st["score_offline"] / k,
-                               score_online=st["score_online"] / m, online_gain=(st["score_online"] / m - st["score_offline"] / k),
-                               grad_norm=st["grad_norm"], lr=st["lr"], pairs=k, tokens_per_s=st["tokens"] / st["seconds"])
+                    b, m = st["n"], max(1, st["n_online"])
+                    row = dict(loss=st["loss"] / b, loss_offline=st["loss_offline"] / b, loss_online=st["loss_online"] / m,
+                               meta_weight_mean=st["meta_weight"] / b, score_offline=st["score_offline"] / b,
+                               score_online=st["score_online"] / m, online_gain=(st["score_online"] / m - st["score_offline"] / b),
+                               grad_norm=st["grad_norm"], lr=st["lr"], pairs=b, tokens_per_s=st["tokens"] / st["seconds"])
                     self.metrics.write("train_step", s.step, t + 1, **row)
                     advance(f"loss {row['loss']:.4f} w {row['meta_weight_mean']:.3f}")
+                    faults.point("training")
                     if strategy.meta_learner_trained and s.step % c.algo.meta_interval == 0:
                         self._meta_step(t)
+                if k + 1 < len(batches):
+                    every = c.trainer.save_every_steps
+                    if every and not st.get("skipped") and s.step % every == 0:
+                        self._save_checkpoint(f"iter_{t + 1}_step_{s.step}", it)
+                    elif self._checkpoint_requested():
+                        self._save_checkpoint(f"iter_{t + 1}_step_{s.step}", it)
+
+    def _skipped_step(self, t: int, st: dict) -> None:
+        """A step whose loss or gradient was NaN or inf left the weights as they were; too many stop the run."""
+        s, limit = self.state, self.config.trainer.max_skipped_steps
+        s.skipped_steps += 1
+        self.metrics.write("skipped_step", s.step, t + 1, loss=st.get("loss"), grad_norm=st.get("grad_norm"))
+        self.console.log(f"  [yellow]skipped an optimiser step after step {s.step}: the loss or gradient was not finite "
+                         f"({s.skipped_steps} skipped of at most {limit})[/yellow]")
+        if s.skipped_steps >= limit:
+            last = (self._checkpoint_dir() / "latest").read_text().strip() if (self._checkpoint_dir() / "latest").exists() else None
+            raise TrainingDiverged(
+                f"{s.skipped_steps} optimiser steps had a NaN or inf loss or gradient (the last after step {s.step} of "
+                f"iteration {t + 1}); stopping. The last good checkpoint is {self._checkpoint_dir() / last if last else 'none'}: "
+                "lower policy.lr, check the data for degenerate pairs, or raise trainer.max_skipped_steps")
 
     def _meta_step(self, t: int) -> None:
         started = time.perf_counter()
@@ -476,6 +572,7 @@ class MetaAPORun:
             return
         self.state.meta_updates += 1
         self.state.seconds["meta"] += time.perf_counter() - started
+        faults.point("meta")
         if self.rank0:
             self.metrics.write("meta_update", self.state.step, t + 1, **meta_stats)
 
@@ -495,7 +592,7 @@ class MetaAPORun:
                                            prompt_seeds=sample_seeds(c.seed, 0, mine))
             texts = [self.tokenizer.decode(r, skip_special_tokens=True) for rs in samples for r in rs]
             prompts = [self.eval_prompts[i] for i in mine for _ in range(c.rollout.eval_samples)]
-            rewards = self.reward.score(prompts, texts)
+            rewards = self.ledger.score(prompts, texts)
             lengths = [len(r) for rs in samples for r in rs]
         if release := getattr(self.engine, "release", None):
             release()
@@ -539,34 +636,61 @@ class MetaAPORun:
     def _checkpoint_dir(self) -> Path:
         return self.out / "checkpoints"
 
-    def _save_checkpoint(self) -> None:
-        """checkpoints/iter_N/: policy/, the policy and its optimizer in Megatron's distributed
-        format (every rank writes its shards), and run_state.pt from rank 0 (see _run_state). The
-        reference is not saved: it reloads from its HF path, and under reference.roll_forward the
-        resumed iteration replaces it with the policy before using it. Written as iter_N.tmp and
-        renamed once every rank is done; `latest` moves after that and older checkpoints go last, so
-        a crash never leaves half a checkpoint in use."""
+    def _checkpoint_requested(self) -> bool:
+        """Whether any rank got trainer.checkpoint_signal (all ranks agree: all-reduce over WORLD)."""
+        if self.config.trainer.checkpoint_signal is None:
+            return False
+        return bool(all_reduce_sum(torch.tensor([float(stopping.checkpoint_requested())]))[0] > 0)
+
+    def _save_checkpoint(self, name: str, iteration: IterationState | None = None) -> None:
+        """checkpoints/NAME/: policy/, the policy and its optimizer in Megatron's distributed format
+        (every rank writes its shards); run_state.pt from rank 0 (see _run_state); iteration.pt, the
+        IterationState of a checkpoint taken inside an iteration; manifest.json, every file's size,
+        written last. NAME is iter_N (N iterations done; iter_0: the starting policy evaluated),
+        iter_N_annotated or iter_N_step_S (inside iteration N). The reference is not saved: it
+        reloads from its HF path, and iteration.pt holds the log-probs it gave this iteration.
+
+        Durable and atomic: written as NAME.tmp, every file fsynced, renamed once every rank is
+        done, then `latest` moves (fsynced too); the previous checkpoint stays until the next one
+        is complete, so a kill at any point leaves a complete checkpoint to resume from, and a
+        damaged newest one falls back to it. Then, if trainer.checkpoint_signal arrived, every
+        rank exits with stopping.EXIT_REQUEUE."""
         root = self._checkpoint_dir()
-        directory = root / f"iter_{self.state.iteration}"
-        tmp = root / f"{directory.name}.tmp"
+        directory, tmp = root / name, root / f"{name}.tmp"
+        self.state.checkpoints += 1
         if self.rank0:
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a run that died while saving
+            for stale in root.glob("*.tmp"):  # left by a run killed while saving
+                shutil.rmtree(stale, ignore_errors=True)
             (tmp / "policy").mkdir(parents=True)
         barrier()
         self.policy.save_checkpoint(tmp / "policy")
+        faults.point("checkpoint_write")
         run_state = self._run_state()
         if self.rank0:
             torch.save(run_state, tmp / "run_state.pt")
+            if iteration is not None:
+                torch.save(asdict(iteration), tmp / "iteration.pt")
+        _fsync_files(tmp)  # each rank flushes what it wrote (on a shared filesystem, from its own node)
         barrier()
         if self.rank0:
+            files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            _atomic_write(tmp / "manifest.json", json.dumps({"name": name, "number": self.state.checkpoints,
+                                                             "files": files}, indent=1))
             shutil.rmtree(directory, ignore_errors=True)  # renamed by a run that died before `latest` moved
             os.replace(tmp, directory)
-            _atomic_write(root / "latest", directory.name)
-            for old in root.glob("iter_*"):
-                if old.name != directory.name:
+            _fsync_dir(root)
+            _atomic_write(root / "latest", name)
+            for old in root.iterdir():  # keep this checkpoint and the complete one before it
+                if old.is_dir() and CHECKPOINT_NAME.fullmatch(old.name) and old.name not in (name, self._last_checkpoint):
                     shutil.rmtree(old)
             _atomic_write(self.out / "summary.json", json.dumps(self._summary(finished=False), indent=2))
+        self._last_checkpoint = name
         barrier()
+        if self._checkpoint_requested():
+            sig = self.config.trainer.checkpoint_signal
+            self.console.log(f"{sig}: checkpointed to {directory}; exiting with status {stopping.EXIT_REQUEUE} for a "
+                             "requeue. Run the same command to resume.")
+            raise SystemExit(stopping.EXIT_REQUEUE)
 
     def _layout(self) -> dict:
         t = self.config.trainer
@@ -576,23 +700,53 @@ class MetaAPORun:
     def _run_state(self) -> dict:
         """Everything but the models, on rank 0, as plain tensors, numbers, lists and dicts
         (torch.load(weights_only=True) reads it): the layout it was saved under, the counters, the
-        meta-learner and its optimizer, every rank's meta buffer (global rank order) and every
-        rank's RNG states (keyed by global rank). Collective (gathers over WORLD)."""
+        meta-learner and its optimizer, every rank's meta buffer (global rank order), every
+        rank's RNG states (keyed by global rank) and the length of metrics.jsonl. Collective
+        (gathers over WORLD)."""
         rank_parts = all_gather_objects({"meta_buffer": self.meta_buffer.state_dict(), "rng": _rng_state()})
         return {"layout": self._layout(), "run_state": asdict(self.state), "meta": self.meta.state_dict(),
                 "meta_optimizer": self.meta_optimizer.state_dict(),
                 "meta_buffers": [part["meta_buffer"] for part in rank_parts],
-                "rng": {rank: part["rng"] for rank, part in enumerate(rank_parts)}}
+                "rng": {rank: part["rng"] for rank, part in enumerate(rank_parts)},
+                "metrics_lines": self.metrics.line_count()}
 
-    def _load_checkpoint(self) -> bool:
-        latest = self._checkpoint_dir() / "latest"
-        if not latest.exists():
-            return False
-        directory = self._checkpoint_dir() / latest.read_text().strip()
-        if not (directory / "run_state.pt").exists():
-            raise RuntimeError(f"{directory} is not a checkpoint of this release (it has per-rank files, not "
-                               "run_state.pt and policy/): finish that run with the release that wrote it, "
-                               "or use a new output_dir")
+    def _choose_checkpoint(self) -> tuple[Path | None, int]:
+        """The newest complete checkpoint (by its manifest's number), found on rank 0 and agreed by
+        all, and the highest number in use. A damaged one (a file missing or cut short) is passed
+        over with a warning naming the damaged file. `latest` must name a checkpoint folder inside
+        this run's checkpoints/, since what a checkpoint holds gets unpickled: else ConfigError."""
+        root = self._checkpoint_dir()
+        choice = problem = None
+        highest = 0
+        if self.rank0 and root.is_dir():
+            latest = _read_latest(root)
+            candidates = sorted((d for d in root.iterdir() if CHECKPOINT_NAME.fullmatch(d.name) and d.is_dir()
+                                 and not d.is_symlink()), key=_checkpoint_number, reverse=True)
+            highest = max([0, *map(_checkpoint_number, candidates)])
+            if latest is not None and latest not in {d.name for d in candidates}:
+                problem = (f"{root / 'latest'} names {latest!r}, which is not a checkpoint folder inside {root}: "
+                           f"restore it (a name like iter_2 or iter_3_step_40 from {root}) or use a new output_dir")
+            for directory in candidates if problem is None else []:
+                damage = _checkpoint_damage(directory)
+                if damage is None:
+                    choice = str(directory)
+                    break
+                self.console.log(f"[yellow]warning: checkpoint {directory} is damaged ({damage}); "
+                                 "resuming from the one before it[/yellow]")
+            if problem is None and choice is None and candidates:
+                problem = (f"no complete checkpoint in {root} (each is damaged, see the warnings): use a new "
+                           "output_dir, or delete the checkpoints folder to start over")
+        choice, problem, highest = all_gather_objects((choice, problem, highest))[0]
+        if problem:
+            raise ConfigError(problem)
+        return (Path(choice) if choice else None), highest
+
+    def _load_checkpoint(self) -> IterationState | bool | None:
+        """Load the newest complete checkpoint: None when there is none (a fresh run), the
+        IterationState to continue when it was taken inside an iteration, True otherwise."""
+        directory, highest = self._choose_checkpoint()
+        if directory is None:
+            return None
         saved = torch.load(directory / "run_state.pt", weights_only=True)
         layout = self._layout()
         saved_distributed = saved["layout"].get("distributed_optimizer", False)
@@ -619,13 +773,63 @@ class MetaAPORun:
         self.state.seconds["total_before_resume"] = self.state.seconds.get("total_before_resume", 0.0) + \
             sum(v for k, v in self.state.seconds.items() if k not in ("total_before_resume", "prepare"))
         self.state.seconds["prepare"] += prepare
+        self.state.checkpoints = highest  # the next one is numbered above every one on disk, damaged ones too
+        self._last_checkpoint = directory.name
         _set_rng_state(saved["rng"][world_rank() if same_world else 0])
         if not same_world:
             self.console.log(f"RNG: rank 0's state on every rank (saved by {len(saved['rng'])} ranks, "
                              f"resumed by {world_size()})")
-        self.metrics.truncate_after(self.state.iteration)
-        self.console.log(f"resumed from {directory} after iteration {self.state.iteration}")
+        self.metrics.truncate_to(saved["metrics_lines"])
+        self.console.log(f"resumed from {directory}")
+        if (directory / "iteration.pt").exists():
+            return IterationState(**torch.load(directory / "iteration.pt", weights_only=True))
         return True
+
+
+def _read_latest(root: Path) -> str | None:
+    try:
+        return (root / "latest").read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
+def _checkpoint_number(directory: Path) -> int:
+    try:
+        return int(json.loads((directory / "manifest.json").read_text())["number"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
+def _checkpoint_damage(directory: Path) -> str | None:
+    """What is wrong with a checkpoint folder (the first missing or short file), or None."""
+    try:
+        files = json.loads((directory / "manifest.json").read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{directory / 'manifest.json'} is missing or unreadable: {type(err).__name__}"
+    for name, size in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size} bytes, not {size}"
+    return None
+
+
+def _fsync_files(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    for path in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+        _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _layout_text(layout: dict) -> str:
@@ -700,9 +904,14 @@ def _reward_urls(url) -> list[str]:
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    """Replace `path` by `text` so that a kill leaves the old or the new file, never a mix (fsynced)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def _print_summary(summary: dict) -> None:

@@ -1,13 +1,15 @@
 """Loading and validating preference data and held-out prompts (CONTRACTS.md, "Preference data
 schema", UltraFeedback-binarized compatible).
 
-A file is JSON Lines (``.jsonl`` or ``.json``, one object per line), Parquet (``.parquet``) or a
-folder written by ``datasets.Dataset.save_to_disk``. A preference record holds:
+A file is JSON Lines (``.jsonl`` or ``.json``, one object per line, UTF-8 with or without a BOM),
+Parquet (``.parquet``) or a folder written by ``datasets.Dataset.save_to_disk``. A preference
+record holds:
 
 - ``prompt``: a non-empty string;
 - ``chosen``, ``rejected``: each a non-empty string (the answer), or a list of chat messages
-  ``{"role", "content"}`` whose last message is the assistant's answer;
-- ``prompt_id`` (optional): a string or integer, unique in the file.
+  ``{"role", "content"}`` whose last message is the assistant's answer; the two answers differ;
+- ``prompt_id`` (optional): a non-empty string or an integer of at most 100 digits, unique in
+  the file.
 
 Decisions where the schema leaves room:
 
@@ -17,23 +19,47 @@ Decisions where the schema leaves room:
   record must then equal (ignoring surrounding whitespace) the content of the last user message,
   which catches columns that were shuffled apart. If the answer's list holds the answer alone, the
   ``prompt`` string is the prompt.
+- Message roles are ``system``, ``user``, ``assistant`` and ``tool``: the roles the Llama 3 and
+  Qwen2 chat templates render; any other role would fail (or vanish) in the chat template.
+- Text holding a NUL character or a lone surrogate (JSON ``"\\ud800"``) is refused: it loads in
+  Python but breaks tokenizers, far from the record.
+- An answer pair whose two answers are equal (ignoring surrounding whitespace) carries no
+  preference and is refused in preference data; eval files read only the prompt, so there it is
+  not checked.
 - A record without ``prompt_id`` gets its record number (the line for JSON Lines, the 1-based
   row otherwise) as its id: stable for the same file. Two records with the same id are an error
-  (the id seeds each prompt's sampling decision, so it must name one prompt).
+  (the id seeds each prompt's sampling decision, so it must name one prompt). Integers in JSON
+  Lines may have at most 100 digits (Python refuses to read more than 4300); give longer ids as
+  strings.
 - Blank lines in JSON Lines are ignored; fields beyond the schema are ignored; ``null`` counts as
   absent.
+
+Problems of one record raise ``DataError`` naming the file and record, or are skipped and counted
+with ``skip_invalid``; problems of the file (missing, unreadable, unknown format, no usable
+record) always raise. Every message is one line that says what to fix, so an entry point can print
+it as is (``DataError`` is a ``ConfigError``).
 """
 
+import codecs
+import dataclasses
 import json
+import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from metaapo_nemo.config import ConfigError
+
 Messages = list[dict[str, str]]
 
+ROLES = ("system", "user", "assistant", "tool")
+MAX_INTEGER_DIGITS = 100
+_UNREADABLE_CHARACTER = re.compile("[\x00\ud800-\udfff]")
 
-class DataError(ValueError):
+
+class DataError(ConfigError):
     """A data file or one of its records does not follow the schema."""
 
 
@@ -42,53 +68,53 @@ class PreferenceRecord:
     """One offline preference pair (x, y_w, y_l).
 
     ``prompt`` is a string, or the chat messages before the answer when the answers came as
-    message lists; ``chosen`` and ``rejected`` are the answers' text.
+    message lists; ``chosen`` and ``rejected`` are the answers' text. ``where`` names the file and
+    record it came from, for later stages' messages; it is not part of the pair's value.
     """
 
     prompt_id: str
     prompt: str | Messages
     chosen: str
     rejected: str
+    where: str = dataclasses.field(default="", compare=False)
 
 
 @dataclass
 class EvalPrompt:
-    """One held-out prompt: a string, or chat messages ending before the answer."""
+    """One held-out prompt: a string, or chat messages ending before the answer; ``where`` as in
+    ``PreferenceRecord``."""
 
     prompt_id: str
     prompt: str | Messages
+    where: str = dataclasses.field(default="", compare=False)
+
+
+class _LongInteger(Exception):
+    """A JSON integer with more digits than MAX_INTEGER_DIGITS (raised from inside json.loads)."""
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A value's repr, cut to ``limit`` characters so one huge field cannot flood the message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _records(path: Path) -> Iterator[tuple[int, str, Any]]:
     """Yield ``(number, where, record)`` for every record of a file: its line (JSON Lines) or
     1-based row, the text naming file and position for messages, and the record (a
-    ``DataError`` in its place when the line is not JSON)."""
+    ``DataError`` in its place when the line cannot be read as JSON)."""
     if not path.exists():
         raise DataError(f"{path}: no such file or folder; check the data path")
     if path.is_dir():
         yield from _dataset_folder_records(path)
     elif path.suffix == ".parquet":
-        import pyarrow.parquet
-
-        try:
-            rows = pyarrow.parquet.read_table(path).to_pylist()
-        except Exception as error:
-            raise DataError(f"{path}: not a readable Parquet file ({error})") from error
-        for index, row in enumerate(rows, start=1):
-            yield index, f"{path}, record {index}", row
+        yield from _parquet_records(path)
     elif path.suffix in (".jsonl", ".json"):
-        with path.open("rb") as lines:
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}, line {number}"
-                try:
-                    record = json.loads(line.decode("utf-8"))
-                except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                    record = DataError(
-                        f"{where}: not valid UTF-8 JSON ({error}); each line must hold one JSON object (JSON Lines)"
-                    )
-                yield number, where, record
+        yield from _json_lines_records(path)
     else:
         raise DataError(
             f"{path}: unknown data format '{path.suffix}'; use JSON Lines (.jsonl), Parquet (.parquet) "
@@ -96,15 +122,89 @@ def _records(path: Path) -> Iterator[tuple[int, str, Any]]:
         )
 
 
+def _open(path: Path):
+    try:
+        return path.open("rb")
+    except OSError as error:
+        raise DataError(
+            f"{path}: cannot be read ({error.strerror or _one_line(error)}); check the file's permissions"
+        ) from error
+
+
+def _json_lines_records(path: Path) -> Iterator[tuple[int, str, Any]]:
+    with _open(path) as lines:
+        for number, line in enumerate(lines, start=1):
+            if number == 1:  # editors on Windows start UTF-8 files with a byte order mark
+                line = line.removeprefix(codecs.BOM_UTF8)
+            if not line.strip():
+                continue
+            where = f"{path}, line {number}"
+            yield number, where, _json_record(line.rstrip(b"\r\n"), where)
+
+
+def _json_integer(digits: str) -> int:
+    # Python's int() refuses more than 4300 digits with a bare ValueError; no id needs 100.
+    if len(digits.lstrip("-")) > MAX_INTEGER_DIGITS:
+        raise _LongInteger(len(digits.lstrip("-")))
+    return int(digits)
+
+
+def _json_record(line: bytes, where: str) -> Any:
+    """One JSON Lines line read as JSON, or the ``DataError`` that says why it cannot be."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return DataError(
+            f"{where}: not UTF-8 text (byte 0x{line[error.start]:02x} at byte {error.start + 1} of the line); "
+            "save the file as UTF-8"
+        )
+    try:
+        return json.loads(text, parse_int=_json_integer)
+    except json.JSONDecodeError as error:
+        return DataError(
+            f"{where}: not valid JSON ({error.msg} at character {error.pos + 1}); "
+            "each line must hold one JSON object (JSON Lines)"
+        )
+    except _LongInteger as error:
+        return DataError(
+            f"{where}: holds an integer of {error.args[0]} digits; integers may have at most "
+            f"{MAX_INTEGER_DIGITS} digits: give a long 'prompt_id' as a string"
+        )
+    except RecursionError:
+        return DataError(f"{where}: JSON nested too deeply to read; each line must hold one flat preference record")
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[int, str, Any]]:
+    import pyarrow
+    import pyarrow.parquet
+
+    with _open(path) as file:
+        try:
+            rows = pyarrow.parquet.read_table(file).to_pylist()
+        except (pyarrow.ArrowException, OSError) as error:
+            raise DataError(
+                f"{path}: not a readable Parquet file ({_one_line(error)}); write it again "
+                "(e.g. pandas' to_parquet) or use JSON Lines"
+            ) from error
+    for index, row in enumerate(rows, start=1):
+        yield index, f"{path}, record {index}", row
+
+
 def _dataset_folder_records(path: Path) -> Iterator[tuple[int, str, Any]]:
     import datasets
 
     try:
+        os.listdir(path)
+    except OSError as error:
+        raise DataError(f"{path}: cannot be read ({error.strerror}); check the folder's permissions") from error
+    try:
         dataset = datasets.load_from_disk(str(path))
-    except Exception as error:
+    except Exception as error:  # datasets raises FileNotFoundError, ValueError or Arrow's errors
+        parquet = next(path.rglob("*.parquet"), None)
+        fix = (f"it holds Parquet files: point the path at one, e.g. {parquet}" if parquet
+               else "give a .jsonl or .parquet file or a save_to_disk folder")
         raise DataError(
-            f"{path}: a folder, but not one written by datasets' save_to_disk ({error}); "
-            "give a .jsonl or .parquet file or a save_to_disk folder"
+            f"{path}: a folder, but not one written by datasets' save_to_disk ({_one_line(error)}); {fix}"
         ) from error
     if isinstance(dataset, datasets.DatasetDict):
         if len(dataset) != 1:
@@ -115,6 +215,18 @@ def _dataset_folder_records(path: Path) -> Iterator[tuple[int, str, Any]]:
         (dataset,) = dataset.values()
     for index, row in enumerate(dataset, start=1):
         yield index, f"{path}, record {index}", row
+
+
+def _text(text: str, field: str, where: str) -> str:
+    """``text`` unless it holds a character that loads in Python but breaks tokenizers."""
+    bad = _UNREADABLE_CHARACTER.search(text)
+    if bad:
+        what = ("a NUL character (\\x00)" if bad.group() == "\x00"
+                else f"a lone surrogate (\\u{ord(bad.group()):04x}, not Unicode text)")
+        raise DataError(
+            f"{where}: {field} holds {what} at character {bad.start() + 1}; remove it or fix the text's encoding"
+        )
+    return text
 
 
 def _messages(value: list, field: str, where: str) -> Messages:
@@ -129,10 +241,16 @@ def _messages(value: list, field: str, where: str) -> Messages:
             and isinstance(message.get("content"), str)
         ):
             raise DataError(
-                f"{where}: message {position} of '{field}' is {message!r}; "
+                f"{where}: message {position} of '{field}' is {_show(message)}; "
                 'each message must be {"role": <string>, "content": <string>}'
             )
-        messages.append({"role": message["role"], "content": message["content"]})
+        if message["role"] not in ROLES:
+            raise DataError(
+                f"{where}: message {position} of '{field}' has role {_show(message['role'])}; "
+                f"use one of {', '.join(ROLES)}"
+            )
+        content = _text(message["content"], f"message {position} of '{field}'", where)
+        messages.append({"role": message["role"], "content": content})
     return messages
 
 
@@ -144,7 +262,7 @@ def _answer(record: dict, field: str, where: str) -> tuple[str, Messages | None]
     if isinstance(value, str):
         if not value.strip():
             raise DataError(f"{where}: '{field}' is empty; give the answer text")
-        return value, None
+        return _text(value, f"'{field}'", where), None
     if not isinstance(value, list):
         raise DataError(
             f"{where}: '{field}' has type {type(value).__name__}; give a string or a list of chat messages"
@@ -168,7 +286,7 @@ def _prompt_string(record: dict, where: str) -> str | None:
         raise DataError(f"{where}: 'prompt' has type {type(prompt).__name__}; it must be a string")
     if not prompt.strip():
         raise DataError(f"{where}: 'prompt' is empty; give the prompt text")
-    return prompt
+    return _text(prompt, "'prompt'", where)
 
 
 def _preference(record: dict, where: str) -> tuple[str | Messages, str, str]:
@@ -205,6 +323,10 @@ def _prompt_id(record: dict, where: str, default: str) -> str:
         return default
     if isinstance(prompt_id, bool) or not isinstance(prompt_id, (str, int)):
         raise DataError(f"{where}: 'prompt_id' has type {type(prompt_id).__name__}; give a string or an integer")
+    if isinstance(prompt_id, str):
+        if not prompt_id.strip():
+            raise DataError(f"{where}: 'prompt_id' is empty; give a non-empty id or leave 'prompt_id' out")
+        _text(prompt_id, "'prompt_id'", where)
     return str(prompt_id)
 
 
@@ -218,11 +340,14 @@ def _load(path: str | Path, skip_invalid: bool, parse) -> tuple[list, int]:
             if isinstance(record, DataError):
                 raise record
             if not isinstance(record, dict):
-                raise DataError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+                raise DataError(
+                    f"{where}: a record must be a JSON object, got {type(record).__name__}; "
+                    'write each record as {"prompt": ..., "chosen": ..., "rejected": ...}'
+                )
             prompt_id = _prompt_id(record, where, default=str(number))
             if prompt_id in first_seen:
                 raise DataError(
-                    f"{where}: prompt_id '{prompt_id}' was already used by {first_seen[prompt_id]}; "
+                    f"{where}: prompt_id {_show(prompt_id)} was already used by {first_seen[prompt_id]}; "
                     "prompt ids must be unique"
                 )
             items.append(parse(record, where, prompt_id))
@@ -232,7 +357,8 @@ def _load(path: str | Path, skip_invalid: bool, parse) -> tuple[list, int]:
                 raise
             skipped += 1
     if not items:
-        reason = f"all {skipped} records are invalid" if skipped else "it holds no records"
+        reason = (f"all {skipped} records are invalid; load it without skipping to see the first problem"
+                  if skipped else "it holds no records; give a file with at least one record")
         raise DataError(f"{path}: no usable records: {reason}")
     return items, skipped
 
@@ -246,7 +372,13 @@ def load_preferences(path: str | Path, skip_invalid: bool = False) -> tuple[list
     """
 
     def parse(record: dict, where: str, prompt_id: str) -> PreferenceRecord:
-        return PreferenceRecord(prompt_id, *_preference(record, where))
+        prompt, chosen, rejected = _preference(record, where)
+        if chosen.strip() == rejected.strip():
+            raise DataError(
+                f"{where}: 'chosen' and 'rejected' are the same answer; a preference pair needs two "
+                "different answers: fix one or drop the record"
+            )
+        return PreferenceRecord(prompt_id, prompt, chosen, rejected, where)
 
     return _load(path, skip_invalid, parse)
 
@@ -261,10 +393,10 @@ def load_eval_prompts(path: str | Path, skip_invalid: bool = False) -> tuple[lis
 
     def parse(record: dict, where: str, prompt_id: str) -> EvalPrompt:
         if record.get("chosen") is not None or record.get("rejected") is not None:
-            return EvalPrompt(prompt_id, _preference(record, where)[0])
+            return EvalPrompt(prompt_id, _preference(record, where)[0], where)
         prompt = _prompt_string(record, where)
         if prompt is None:
             raise DataError(f"{where}: 'prompt' is missing; every eval record needs a 'prompt' string")
-        return EvalPrompt(prompt_id, prompt)
+        return EvalPrompt(prompt_id, prompt, where)
 
     return _load(path, skip_invalid, parse)

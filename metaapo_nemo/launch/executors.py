@@ -14,7 +14,9 @@ import functools
 import os
 import shlex
 import shutil
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +31,8 @@ from metaapo_nemo.recipes import RECIPES
 # and nemo-run. A real submission with it is refused (check_submission); dry runs note it.
 DEFAULT_CONTAINER_IMAGE = "nvcr.io/nvidia/tensorrt-llm/release:1.2.0"
 GPUS_PER_NODE = 8
+# Seconds a stopped local job has to end (a rank stops its reward server) before it is killed.
+STOP_GRACE_S = 10.0
 
 
 @run.cli.factory(name="local_torchrun")
@@ -183,4 +187,99 @@ def launch(ctx: run.cli.RunContext, task: run.Partial) -> None:
             return
         if ctx._should_continue(ctx.skip_confirmation):
             console.print(f"[bold cyan]Launching {ctx.name}...[/bold cyan]")
+            if isinstance(ctx.executor, run.LocalExecutor):
+                stop_job_on_signal()
             exp.run(detach=ctx.detach)
+    # The local executor waits for the job (the experiment's exit above); NeMo-Run itself exits 0
+    # whatever became of it, so a failed run would look like a finished one to a script.
+    if isinstance(ctx.executor, run.LocalExecutor):
+        from torchx.specs.api import AppState
+
+        for job in exp.jobs:
+            if job.launched and job.state != AppState.SUCCEEDED:
+                raise SystemExit(f"error: job {job.id} ended {job.state.name}; its output above says why")
+
+
+def stop_job_on_signal(grace_s: float = STOP_GRACE_S) -> None:
+    """Make SIGINT and SIGTERM to this launcher stop the local job, then exit with 128+signum.
+
+    NeMo-Run alone does not: torchx starts torchrun in a session of its own, so a terminal's Ctrl-C
+    never reaches it, and on the KeyboardInterrupt NeMo-Run waits for the job to end (its waiting
+    thread pool joins), then prints how to inspect the experiment. Here the launcher sends SIGTERM
+    to each of its children's process groups (torchrun, which passes it on to every rank; a rank
+    stops its local reward server), and after `grace_s` SIGKILLs whatever of the process tree is
+    left: the ranks and the reward server sit in sessions of their own. A second signal kills at once.
+    """
+    def stop(signum, frame):
+        name = signal.Signals(signum).name
+        if job_pids:  # the second signal
+            _kill(_descendants(os.getpid()) | job_pids)
+            os._exit(128 + signum)
+        job_pids.update(_descendants(os.getpid()))
+        agents = [pid for pid in job_pids if _parent(pid) == os.getpid()]
+        for pid in agents:
+            _signal_group(pid, signal.SIGTERM)
+        ranks = sum(_parent(pid) in agents for pid in job_pids)
+        deadline = time.monotonic() + grace_s
+        while _alive(job_pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = _alive(job_pids | _descendants(os.getpid()))
+        _kill(left)
+        killed = f"; killed {len(left)} process(es) still running after {grace_s:g} s" if left else ""
+        print(f"stopped by {name}: sent SIGTERM to the job ({len(agents)} torchrun agent(s), {ranks} rank(s)){killed}",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Not SystemExit: NeMo-Run would go on to wait for its threads and print its experiment help.
+        os._exit(128 + signum)
+
+    job_pids: set[int] = set()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+
+
+def _descendants(root: int) -> set[int]:
+    """Every process below `root`, from /proc (no psutil among the dependencies)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (parent := _parent(int(entry.name))) is not None:
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _stat(pid: int) -> list[str] | None:
+    # /proc/PID/stat: "pid (comm) state ppid ...", and comm may hold spaces and parentheses.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _parent(pid: int) -> int | None:
+    fields = _stat(pid)
+    return int(fields[1]) if fields else None
+
+
+def _alive(pids: set[int]) -> set[int]:
+    """The pids still running: not gone and not a zombie waiting for its parent to reap it."""
+    return {pid for pid in pids if (fields := _stat(pid)) and fields[0] != "Z"}
+
+
+def _signal_group(pid: int, signum: int) -> None:
+    # NeMo-Run's local scheduler starts each job process as a session (and group) leader.
+    try:
+        os.killpg(pid, signum) if os.getpgid(pid) == pid else os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _kill(pids: set[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

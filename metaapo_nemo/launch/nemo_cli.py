@@ -11,6 +11,7 @@ import nemo_run as run
 
 from metaapo_nemo import config as C
 from metaapo_nemo import recipes
+from metaapo_nemo.cli import refuse, run_job
 from metaapo_nemo.launch import executors  # registers run.executor=local_torchrun / slurm
 
 
@@ -49,7 +50,10 @@ class RecipeRunContext(run.cli.RunContext):
                 raise run.cli.api.RunContextError("run.reward_nodes needs run.executor=slurm")
             super()._execute_task(fn, task_args)
         else:
-            executors.launch(self, self.parse_fn(fn, task_args))
+            try:
+                executors.launch(self, self.parse_fn(fn, task_args))
+            except C.ConfigError as e:  # NeMo-Run would print it as an "Unexpected error", status 1
+                raise SystemExit(refuse(e))
         if self.dryrun:  # NeMo-Run has shown the configuration (and the scripts); add what it will take
             from metaapo_nemo.launch.plan import describe_plan
             from metaapo_nemo.launch.slurm import config_from_partial
@@ -76,15 +80,11 @@ def metaapo(
                     rollout=rollout, trainer=trainer, task=task)
     config = C.MetaAPOConfig(output_dir=output_dir, seed=seed,
                              **{k: v for k, v in sections.items() if v is not None})
-    config.validate()
-    import torch
-
-    from metaapo_nemo.launch.plan import require_gpus
-
-    require_gpus(config, torch.cuda.is_available())  # before megatron and the models load
-    from metaapo_nemo.algorithm.metaapo import run_metaapo
-
-    run_metaapo(config)
+    # Raised, not returned: NeMo-Run ignores the task's return value, and would turn an exception
+    # into "Unexpected error" (status 1) or, for a KeyboardInterrupt, click's "Aborted!".
+    status = run_job(config)
+    if status:
+        raise SystemExit(status)
 
 
 def to_partial(config: C.MetaAPOConfig) -> run.Partial:

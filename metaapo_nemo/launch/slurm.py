@@ -114,8 +114,10 @@ def reward_server_args(reward: C.RewardConfig, port: int) -> list[str]:
         raise C.ConfigError("a reward group serves one reward model: set exactly one of reward.model_dir=DIR "
                             "or reward.reward_fn=MODULE:FUNCTION")
     source = ["--model", reward.model_dir] if reward.model_dir else ["--reward-fn", reward.reward_fn]
-    # 0.0.0.0: the trainer connects from other nodes (the server's own default is 127.0.0.1).
-    return ["serve-reward", "--host", "0.0.0.0", "--port", str(port), *source]
+    # 0.0.0.0: the trainer connects from other nodes (the server's own default is 127.0.0.1). Without
+    # reward.token anyone on the cluster network can call it: the server refuses that unless told.
+    no_token = [] if reward.token else ["--allow-no-token"]
+    return ["serve-reward", "--host", "0.0.0.0", "--port", str(port), *source, *no_token]
 
 
 def reward_url_export(port: int) -> str:

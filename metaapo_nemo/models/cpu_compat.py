@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import functools
 import importlib
+import warnings
 
 import torch
 
-from megatron.core import tensor_parallel
+# megatron-core warns on import that it falls back to torch without Transformer Engine and Apex:
+# true of every CPU run and said in the README, so not repeated on every console.
+warnings.filterwarnings("ignore", message=r"(Transformer Engine and Apex are|Apex is) not installed", category=UserWarning)
+
+from megatron.core import tensor_parallel  # noqa: E402
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 

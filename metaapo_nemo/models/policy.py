@@ -9,13 +9,16 @@ model-parallel ranks). A single CPU process is the case TP = PP = DP = 1 of the 
 
 Where ranks talk: the schedule's p2p between stages; DDP's all-reduce in finalize_model_grads;
 `score` broadcasts log-probs from the last stage (all-reduce over WORLD, one writer per pair);
-`train_step` gathers the loss statistics from the loss-computing ranks (all_gather_object);
+`train_step` gathers the loss statistics from the loss-computing ranks (all_gather_object) and
+all-reduces the gradient norm over model-parallel ranks (get_grad_norm), and every rank skips the
+step when either is NaN or inf on any rank;
 `save_checkpoint` / `load_checkpoint` plan the reads and writes of every rank's shards together
 (Megatron's dist_checkpointing over torch.distributed.checkpoint).
 """
 from __future__ import annotations
 
 import math
+import queue
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -25,6 +28,7 @@ from megatron.core import dist_checkpointing, parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import optimizer as megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from metaapo_nemo.data.batching import SequenceBatch, collate
@@ -51,6 +55,16 @@ class OptimConfig:
     warmup_steps: int = 0
     total_steps: int = 0  # > 0: cosine decay to min_lr_ratio * lr at this step; 0: constant after warm-up
     min_lr_ratio: float = 0.0
+
+
+def _summed_over_ranks(stats: dict[str, float], loss: float) -> tuple[dict[str, float], float]:
+    """Every rank's stats and loss, each summed over the ranks (all_gather_object over WORLD)."""
+    parts = all_gather_objects((stats, loss))
+    total: dict[str, float] = {}
+    for part, _ in parts:
+        for k, v in part.items():
+            total[k] = total.get(k, 0.0) + v
+    return total, sum(part_loss for _, part_loss in parts)
 
 
 class MegatronPolicy:
@@ -139,7 +153,9 @@ class MegatronPolicy:
 
         Data-parallel rank r takes items[r::DP]; make_batch(micro_items) -> SequenceBatch;
         loss_fn(micro_items, logp_sum, num_tokens) -> (loss summed over micro_items, stats dict of
-        sums). Returns the stats summed over all data-parallel ranks, with grad_norm, lr, tokens.
+        sums). Returns the stats summed over all data-parallel ranks, with grad_norm, lr, tokens and
+        skipped: True when the loss or a gradient was NaN or inf on any rank, and then no rank
+        stepped (weights, optimizer state and schedule as before; gradients zeroed).
         """
         assert self.optimizer is not None, "the reference model is frozen"
         started = time.perf_counter()
@@ -154,6 +170,7 @@ class MegatronPolicy:
         # this factor turns the result into the plain mean over the step's items.
         scale = weight * len(micro) * dp / len(items)
         stats: dict[str, float] = {}
+        losses: list[float] = []  # this rank's micro-batch loss sums, for the finite check
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
@@ -165,6 +182,7 @@ class MegatronPolicy:
             def loss(logp):
                 loss_sum, mb_stats = loss_fn(mb, logp, ntok)
                 if is_loss_rank() and weight:
+                    losses.append(float(loss_sum.detach()))
                     mb_stats["tokens"] = float(batch.lengths.sum())
                     for k, v in mb_stats.items():
                         stats[k] = stats.get(k, 0.0) + float(v)
@@ -176,15 +194,34 @@ class MegatronPolicy:
         self.optimizer.zero_grad()
         get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(micro), model=[self.ddp],
                                     num_microbatches=len(micro), seq_length=1, micro_batch_size=1, forward_only=False)
-        _, grad_norm, _ = self.optimizer.step()
-        self.steps_since_reset += 1
-        total: dict[str, float] = {}
-        for part in all_gather_objects(stats):
-            for k, v in part.items():
-                total[k] = total.get(k, 0.0) + v
-        total.update(grad_norm=float(grad_norm or 0.0), lr=self.optimizer.param_groups[0]["lr"],
+        overflow = self.optimizer.prepare_grads()  # megatron's own inf check: only under a loss scaler
+        grad_norm = self.optimizer.get_grad_norm()
+        total, loss = _summed_over_ranks(stats, sum(losses))
+        # Every rank decides alike, or the replicas diverge: each sums the same gathered losses (a
+        # NaN or inf on any rank makes the sum so), and get_grad_norm all-reduced the norm over the
+        # model-parallel ranks (over all ranks with the distributed optimizer) of gradients DDP had
+        # already all-reduced over the data-parallel ranks.
+        skipped = overflow or not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if skipped:
+            self.ddp.zero_grad_buffer()
+            self.optimizer.zero_grad()
+        else:
+            self._clip_and_step(grad_norm)
+        total.update(grad_norm=float(grad_norm), lr=self.optimizer.param_groups[0]["lr"], skipped=skipped,
                      seconds=time.perf_counter() - started)
         return total
+
+    def _clip_and_step(self, grad_norm: float) -> None:
+        """The rest of megatron's ChainedOptimizer.step after its get_grad_norm: clip by the norm
+        train_step already took (no second pass over the gradients), step."""
+        for optimizer in self.optimizer.chained_optimizers:
+            parameters = optimizer.get_parameters()
+            if self.optim.clip_grad > 0 and parameters:
+                # Looked up on megatron's optimizer module, as ChainedOptimizer.step finds it
+                # (cpu_compat replaces it there on the CPU).
+                megatron_optimizer.clip_grad_by_total_norm_fp32(parameters, self.optim.clip_grad, grad_norm)
+        self.optimizer.step_with_ready_grads()
+        self.steps_since_reset += 1
 
     def _set_lr(self) -> None:
         step, warm, total = self.steps_since_reset, self.optim.warmup_steps, self.optim.total_steps
@@ -230,6 +267,13 @@ class MegatronPolicy:
         """Write sharded_state_dict() to the existing, empty `directory` in Megatron's distributed
         checkpoint format (torch_dist): each rank writes the shards it is the main replica of.
         Collective: every rank must call it."""
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+        # megatron collects its writer processes' results through a multiprocessing Manager: a
+        # server process that outlives a SIGKILLed rank (holding its stdout) forever. This save is
+        # synchronous, so the results only ever cross threads of this process: a plain queue serves.
+        if filesystem_async._results_queue is None:
+            filesystem_async._results_queue = queue.Queue()
         dist_checkpointing.save(self.sharded_state_dict(), str(directory))
 
     def load_checkpoint(self, directory) -> None:

@@ -1,13 +1,17 @@
 """A reward server started by the training job itself, on this machine, when no reward.url is given.
 
 It runs as a separate process in its own process group (the trainer's Ctrl-C reaches the trainer,
-which stops it) and ends with its parent even if the parent is killed.
+which stops it) and ends with its parent even if the parent is killed. The server binds a free port
+itself (``--port 0``) and writes that port and its random instance id to a file; the parent waits
+for that file and then for a ``/health`` answer carrying that instance id, so no other process can
+take the port in between or answer for the server.
 """
 
 import atexit
+import json
 import os
+import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,15 +30,18 @@ LOG_TAIL_CHARS = 4000
 class LocalRewardServer:
     """A running ``metaapo_nemo.reward.server`` process; ``url`` is where it answers."""
 
-    def __init__(self, process: subprocess.Popen, url: str, log_file: str):
+    def __init__(self, process: subprocess.Popen, log_file: str, port_file: str):
         self.process = process
-        self.url = url
+        self.url: str | None = None  # known once the server has written its port file
+        self.instance: str | None = None
         self.log_file = log_file
+        self.port_file = port_file
         atexit.register(self.stop)
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Terminate the server's process group; kill it if it has not ended after ``grace_s``."""
         atexit.unregister(self.stop)
+        shutil.rmtree(os.path.dirname(self.port_file), ignore_errors=True)
         if self.process.poll() is not None:
             return
         _signal_group(self.process.pid, signal.SIGTERM)
@@ -67,17 +74,18 @@ def start_local_reward_server(
     batch_size: int | None = None,
 ) -> LocalRewardServer:
     """Start a reward server on 127.0.0.1 and a free port, serving ``reward_fn`` (MODULE:FUNCTION)
-    or the Hugging Face reward model in ``model_dir``; return once it answers ``/health``.
+    or the Hugging Face reward model in ``model_dir``; return once it answers ``/health`` at
+    ``server.url`` with the instance id it wrote to its port file.
 
     Raises RewardServerError, quoting the server's log, if it exits or is not healthy within
     ``startup_timeout_s``. Its log goes to ``log_file`` (default: a new file in the temp folder).
     """
     if (reward_fn is None) == (model_dir is None):
         raise ValueError("give exactly one of reward_fn (MODULE:FUNCTION) and model_dir")
-    port = _free_port()
+    port_file = os.path.join(tempfile.mkdtemp(prefix="metaapo-reward-server-"), "port.json")
     command = [
-        sys.executable, "-m", "metaapo_nemo.reward.server",
-        "--host", "127.0.0.1", "--port", str(port), "--parent-pid", str(os.getpid()),
+        sys.executable, "-m", "metaapo_nemo.reward.server", "--host", "127.0.0.1", "--port", "0",
+        "--port-file", port_file, "--parent-pid", str(os.getpid()),
     ]  # fmt: skip
     command += ["--reward-fn", reward_fn] if reward_fn is not None else ["--model", model_dir]
     if batch_size is not None:
@@ -96,7 +104,7 @@ def start_local_reward_server(
         process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
-    server = LocalRewardServer(process, f"http://127.0.0.1:{port}", log_file)
+    server = LocalRewardServer(process, log_file, port_file)
     _wait_until_ready(server, startup_timeout_s)
     return server
 
@@ -111,11 +119,10 @@ def _wait_until_ready(server: LocalRewardServer, timeout_s: float) -> None:
                     f"the local reward server exited with status {server.process.returncode} before it was "
                     f"ready; its log ({server.log_file}) ends with:\n{server.log_tail()}"
                 )
-            try:
-                if http.get(f"{server.url}/health").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+            if server.url is None:
+                _read_port_file(server)
+            elif _answers_as(http, server.url, server.instance):
+                return
             time.sleep(0.1)
     server.stop()
     raise RewardServerError(
@@ -124,10 +131,21 @@ def _wait_until_ready(server: LocalRewardServer, timeout_s: float) -> None:
     )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _read_port_file(server: LocalRewardServer) -> None:
+    try:
+        with open(server.port_file) as f:
+            written = json.load(f)
+    except FileNotFoundError:  # not listening yet
+        return
+    server.url, server.instance = f"http://127.0.0.1:{written['port']}", written["instance"]
+
+
+def _answers_as(http: httpx.Client, url: str, instance: str) -> bool:
+    try:
+        answer = http.get(f"{url}/health")
+        return answer.status_code == 200 and answer.json().get("instance") == instance
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return False
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

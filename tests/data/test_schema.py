@@ -1,11 +1,14 @@
+import codecs
 import json
 import re
+from pathlib import Path
 
 import datasets
 import pyarrow
 import pyarrow.parquet
 import pytest
 
+from metaapo_nemo.config import ConfigError
 from metaapo_nemo.data.schema import DataError, EvalPrompt, PreferenceRecord, load_eval_prompts, load_preferences
 
 STRING_RECORD = {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Seven."}
@@ -14,6 +17,7 @@ CHAT_RECORD = {  # UltraFeedback-binarized layout
     "prompt": "Name a colour.",
     "chosen": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}],
     "rejected": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Seven."}],
+    "messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}],
     "score_chosen": 8.0,
     "score_rejected": 2.0,
 }
@@ -75,33 +79,124 @@ def user_then(answer):
     return [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": answer}]
 
 
+def message_list(*roles_and_contents):
+    return [{"role": role, "content": content} for role, content in roles_and_contents]
+
+
+# (broken line, the problem the message names, what it tells to fix)
 BROKEN_RECORDS = [
-    ('{"prompt": "x", "chosen": "a"', "not valid UTF-8 JSON"),
-    ('["x", "a", "b"]', "must be a JSON object"),
-    ({"prompt": "x", "rejected": "b"}, "'chosen' is missing"),
-    ({"prompt": "x", "chosen": 3, "rejected": "b"}, "'chosen' has type int"),
-    ({"prompt": "x", "chosen": "a", "rejected": "  "}, "'rejected' is empty"),
-    ({"prompt": "", "chosen": "a", "rejected": "b"}, "'prompt' is empty"),
-    ({"prompt": ["x"], "chosen": "a", "rejected": "b"}, "'prompt' has type list"),
-    ({"chosen": "a", "rejected": "b"}, "no prompt"),
-    ({"prompt": "x", "chosen": [], "rejected": "b"}, "empty message list"),
-    ({"prompt": "x", "chosen": [{"role": "user"}], "rejected": "b"}, "message 1 of 'chosen'"),
-    ({"chosen": user_then("a")[:1], "rejected": user_then("b")}, "last message of 'chosen' has role 'user'"),
-    ({"chosen": user_then(""), "rejected": user_then("b")}, "answer \\(last message\\) of 'chosen' is empty"),
+    ('{"prompt": "x", "chosen": "a"', "not valid JSON", "each line must hold one JSON object"),
+    ('["x", "a", "b"]', "must be a JSON object, got list", 'write each record as {"prompt"'),
+    ("7", "must be a JSON object, got int", 'write each record as {"prompt"'),
+    ({"prompt": "x", "rejected": "b"}, "'chosen' is missing", "needs 'chosen' and 'rejected'"),
+    ({"prompt": "x", "chosen": 3, "rejected": "b"}, "'chosen' has type int", "give a string or a list of chat"),
+    ({"prompt": "x", "chosen": "a", "rejected": "  "}, "'rejected' is empty", "give the answer text"),
+    ({"prompt": "", "chosen": "a", "rejected": "b"}, "'prompt' is empty", "give the prompt text"),
+    ({"prompt": ["x"], "chosen": "a", "rejected": "b"}, "'prompt' has type list", "it must be a string"),
+    ({"chosen": "a", "rejected": "b"}, "no prompt", "add a 'prompt' string"),
+    ({"prompt": "x", "chosen": [], "rejected": "b"}, "empty message list", "give the answer as a string"),
+    ({"prompt": "x", "chosen": [{"role": "user"}], "rejected": "b"}, "message 1 of 'chosen'",
+     'each message must be {"role"'),
+    ({"chosen": user_then("a")[:1], "rejected": user_then("b")}, "last message of 'chosen' has role 'user'",
+     "must be the assistant's answer"),
+    ({"chosen": user_then(""), "rejected": user_then("b")}, "answer (last message) of 'chosen' is empty",
+     "give the answer text"),
     ({"chosen": user_then("a"), "rejected": [{"role": "user", "content": "Other?"}, *user_then("b")[1:]]},
-     "differ in the messages before the answer"),
+     "differ in the messages before the answer", "must answer the same conversation"),
     ({"prompt": "Name a shape.", "chosen": user_then("a"), "rejected": user_then("b")},
-     "does not match the last user message"),
-    ({"prompt_id": 1.5, "prompt": "x", "chosen": "a", "rejected": "b"}, "'prompt_id' has type float"),
+     "does not match the last user message", "fix the record"),
+    ({"prompt_id": 1.5, "prompt": "x", "chosen": "a", "rejected": "b"}, "'prompt_id' has type float",
+     "give a string or an integer"),
+    ({"prompt_id": "", "prompt": "x", "chosen": "a", "rejected": "b"}, "'prompt_id' is empty",
+     "give a non-empty id or leave 'prompt_id' out"),
+    ('{"prompt_id": ' + "7" * 5000 + ', "prompt": "x", "chosen": "a", "rejected": "b"}',
+     "an integer of 5000 digits", "give a long 'prompt_id' as a string"),
+    ('{"prompt_id": ' + "7" * 101 + ', "prompt": "x", "chosen": "a", "rejected": "b"}',
+     "an integer of 101 digits", "at most 100 digits"),
+    ({"prompt": "x", "chosen": "Same. ", "rejected": "Same."}, "'chosen' and 'rejected' are the same answer",
+     "fix one or drop the record"),
+    ({"chosen": user_then("Same."), "rejected": user_then("Same.")}, "'chosen' and 'rejected' are the same answer",
+     "fix one or drop the record"),
+    ({"chosen": message_list(("narrator", "Once"), ("assistant", "a")), "rejected": user_then("b")},
+     "message 1 of 'chosen' has role 'narrator'", "use one of system, user, assistant, tool"),
+    ({"prompt": "x\u0000y", "chosen": "a", "rejected": "b"}, "'prompt' holds a NUL character (\\x00) at character 2",
+     "remove it"),
+    ({"prompt": "x", "chosen": "a\ud800", "rejected": "b"},
+     "'chosen' holds a lone surrogate (\\ud800, not Unicode text)", "fix the text's encoding"),
+    ({"chosen": message_list(("user", "\udfff"), ("assistant", "a")), "rejected": user_then("b")},
+     "message 1 of 'chosen' holds a lone surrogate (\\udfff, not Unicode text)", "fix the text's encoding"),
+    ({"prompt_id": "a\u0000", "prompt": "x", "chosen": "a", "rejected": "b"}, "'prompt_id' holds a NUL character",
+     "remove it"),
+    ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply", "one flat preference record"),
 ]
 
 
-@pytest.mark.parametrize(("broken", "problem"), BROKEN_RECORDS)
-def test_a_broken_jsonl_record_is_reported_with_file_line_and_problem(tmp_path, broken, problem):
+def assert_one_line_error(error, where, problem, fix):
+    """The message a user sees: one line, starting with the file and record, naming the problem and the fix."""
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"{where}: ")
+    assert problem in message and fix in message
+
+
+@pytest.mark.parametrize(("broken", "problem", "fix"), BROKEN_RECORDS)
+def test_a_broken_jsonl_record_is_one_line_naming_file_line_problem_and_fix_or_skipped_and_counted(
+    tmp_path, broken, problem, fix
+):
     path = write_jsonl(tmp_path / "d.jsonl", [STRING_RECORD, broken])
-    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}, line 2: .*{problem}"):
+    with pytest.raises(DataError) as error:
         load_preferences(path)
+    assert_one_line_error(error, f"{path}, line 2", problem, fix)
     assert load_preferences(path, skip_invalid=True) == ([PreferenceRecord("1", *STRING_RECORD.values())], 1)
+
+
+def test_data_errors_are_config_errors_so_entry_points_print_them_as_one_line():
+    assert issubclass(DataError, ConfigError)
+
+
+def test_a_utf8_byte_order_mark_at_the_start_of_a_jsonl_file_is_accepted(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(codecs.BOM_UTF8 + json.dumps(STRING_RECORD).encode() + b"\n")
+    assert load_preferences(path) == ([PreferenceRecord("1", *STRING_RECORD.values())], 0)
+    assert load_preferences(path, skip_invalid=True)[1] == 0
+
+
+def test_a_line_that_is_not_utf8_names_the_byte_and_is_skipped_and_counted(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps(STRING_RECORD).encode() + b"\n" + '{"prompt": "caf\xe9"}'.encode("latin-1") + b"\n")
+    with pytest.raises(DataError) as error:
+        load_preferences(path)
+    assert_one_line_error(error, f"{path}, line 2", "not UTF-8 text (byte 0xe9 at byte 16 of the line)",
+                          "save the file as UTF-8")
+    assert load_preferences(path, skip_invalid=True)[1] == 1
+
+
+def test_the_same_answer_twice_is_fine_in_eval_files_which_read_only_the_prompt(tmp_path):
+    path = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "x", "chosen": "a", "rejected": "a"}])
+    assert load_eval_prompts(path) == ([EvalPrompt("1", "x")], 0)
+
+
+def test_tool_messages_and_integer_ids_up_to_100_digits_load(tmp_path):
+    tool_turns = message_list(("system", "Use tools."), ("user", "Time?"), ("assistant", "Let me look."),
+                              ("tool", "12:00"))
+    record = {"prompt_id": int("9" * 100), "chosen": [*tool_turns, {"role": "assistant", "content": "Noon."}],
+              "rejected": [*tool_turns, {"role": "assistant", "content": "Dawn."}]}
+    records, _ = load_preferences(write_jsonl(tmp_path / "d.jsonl", [record]))
+    assert records == [PreferenceRecord("9" * 100, tool_turns, "Noon.", "Dawn.")]
+
+
+def test_huge_lines_load(tmp_path):
+    answer = "word " * 2_000_000
+    path = write_jsonl(tmp_path / "d.jsonl", [{**STRING_RECORD, "chosen": answer}])
+    assert load_preferences(path)[0][0].chosen == answer
+
+
+def test_every_record_names_the_file_and_record_it_came_from(tmp_path):
+    jsonl = write_jsonl(tmp_path / "d.jsonl", ["", STRING_RECORD])
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist([STRING_RECORD]), tmp_path / "d.parquet")
+    assert load_preferences(jsonl)[0][0].where == f"{jsonl}, line 2"
+    assert load_eval_prompts(jsonl)[0][0].where == f"{jsonl}, line 2"
+    assert load_preferences(tmp_path / "d.parquet")[0][0].where == f"{tmp_path / 'd.parquet'}, record 1"
 
 
 def test_a_broken_parquet_record_is_reported_with_its_row(tmp_path):
@@ -130,25 +225,70 @@ def test_skip_invalid_counts_every_skipped_record(tmp_path):
     assert skipped == 3
 
 
-def test_files_without_usable_records_are_errors(tmp_path):
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("\n\n")
-    with pytest.raises(DataError, match="no usable records: it holds no records"):
-        load_preferences(empty)
-    broken = write_jsonl(tmp_path / "broken.jsonl", ["{", "{"])
-    with pytest.raises(DataError, match="all 2 records are invalid"):
-        load_preferences(broken, skip_invalid=True)
+def file_error(path, skip_invalid=True):
+    """The DataError loading ``path`` raises; file-level problems raise even when records may be skipped."""
+    with pytest.raises(DataError) as error:
+        load_preferences(path, skip_invalid=skip_invalid)
+    return error
 
 
-def test_missing_paths_and_unknown_formats_are_errors(tmp_path):
-    with pytest.raises(DataError, match="no such file or folder"):
-        load_preferences(tmp_path / "absent.jsonl")
-    (tmp_path / "d.csv").write_text("prompt,chosen,rejected\n")
-    with pytest.raises(DataError, match="unknown data format '.csv'"):
-        load_preferences(tmp_path / "d.csv")
-    (tmp_path / "folder").mkdir()
-    with pytest.raises(DataError, match="not one written by datasets' save_to_disk"):
-        load_preferences(tmp_path / "folder")
+@pytest.mark.parametrize("content", [b"", b"\n\n", codecs.BOM_UTF8 + b"\n"], ids=["zero-bytes", "blank", "bom-only"])
+def test_a_file_without_records_is_an_error_naming_the_file(tmp_path, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_bytes(content)
+    assert_one_line_error(file_error(path), str(path), "no usable records: it holds no records",
+                          "give a file with at least one record")
+
+
+def test_a_file_whose_records_are_all_invalid_is_an_error_even_when_skipping(tmp_path):
+    path = write_jsonl(tmp_path / "broken.jsonl", ["{", "{"])
+    assert_one_line_error(file_error(path), str(path), "all 2 records are invalid",
+                          "load it without skipping to see the first problem")
+
+
+def test_a_missing_path_is_an_error(tmp_path):
+    path = tmp_path / "absent.jsonl"
+    assert_one_line_error(file_error(path), str(path), "no such file or folder", "check the data path")
+
+
+def test_an_unknown_format_is_an_error(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("prompt,chosen,rejected\n")
+    assert_one_line_error(file_error(path), str(path), "unknown data format '.csv'", "use JSON Lines (.jsonl)")
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.parquet"])
+def test_an_unreadable_file_is_an_error_even_when_skipping(tmp_path, monkeypatch, name):
+    path = write_jsonl(tmp_path / name, [STRING_RECORD])
+    real_open = Path.open
+
+    def open_refused(self, *args, **kwargs):  # the tests run as root, who may read any file
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_refused)
+    assert_one_line_error(file_error(path), str(path), "cannot be read (Permission denied)",
+                          "check the file's permissions")
+
+
+def test_a_file_that_is_not_parquet_is_an_error(tmp_path):
+    path = tmp_path / "d.parquet"
+    path.write_text("prompt,chosen,rejected\n")
+    assert_one_line_error(file_error(path), str(path), "not a readable Parquet file", "write it again")
+
+
+def test_a_folder_not_written_by_save_to_disk_is_an_error(tmp_path):
+    assert_one_line_error(file_error(tmp_path), str(tmp_path), "not one written by datasets' save_to_disk",
+                          "give a .jsonl or .parquet file or a save_to_disk folder")
+
+
+def test_a_hub_download_folder_of_parquet_files_is_told_to_point_at_one(tmp_path):
+    (tmp_path / "data").mkdir()
+    shard = tmp_path / "data" / "train_prefs-00000-of-00001.parquet"
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist([CHAT_RECORD]), shard)
+    assert_one_line_error(file_error(tmp_path), str(tmp_path), "not one written by datasets' save_to_disk",
+                          f"it holds Parquet files: point the path at one, e.g. {shard}")
 
 
 def test_eval_prompts_come_from_prompt_only_or_preference_records(tmp_path):

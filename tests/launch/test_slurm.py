@@ -145,7 +145,7 @@ def test_het_sbatch_has_a_trainer_group_and_a_reward_group_with_its_own_nodes(tm
     assert all(f"--container-image {IMAGE} --container-mounts /lustre:/lustre," in s for s in sruns)
     assert sruns[0].endswith("bash /nemo_run/scripts/train-0.sh & pids[0]=$!")
     assert sruns[1].endswith("python -m metaapo_nemo serve-reward --host 0.0.0.0 --port 5000 "
-                             "--model /lustre/models/rm & pids[1]=$!")
+                             "--model /lustre/models/rm --allow-no-token & pids[1]=$!")  # no reward.token set
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_1"' in sbatch
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
 
@@ -199,7 +199,7 @@ def test_plain_sbatch_runs_both_groups_in_the_container_and_returns_the_trainer_
     for group in groups.values():
         assert group["opts"]["--container-image"] == IMAGE and group["opts"]["--container-mounts"] == "/lustre:/lustre"
     assert groups["1"]["cmd"] == ["python", "-m", "metaapo_nemo", "serve-reward", "--host", "0.0.0.0", "--port", "5000",
-                                  "--model", "/lustre/models/rm"]
+                                  "--model", "/lustre/models/rm", "--allow-no-token"]  # no METAAPO_REWARD_TOKEN
     [torchrun] = [c["argv"] for c in calls if c["prog"] == "torchrun"]
     assert torchrun == ["--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d", "--rdzv-endpoint=trn1:29500",
                         "--rdzv-id=4242", "-m", "metaapo_nemo", "run", "--recipe", "llama31_8b",

@@ -97,3 +97,35 @@ def save_tiny_reward_model(folder: Path, pad_token_id: int | None = 0, num_label
     # The default head init (std 0.02) gives rewards near 0, too small for a parity test to see errors.
     torch.nn.init.normal_(model.score.weight, std=1.0)
     model.save_pretrained(folder)
+
+
+def sleep_one_second(prompts: list[str], responses: list[str]) -> list[float]:
+    """count_letter_a after 1 s, whatever the batch size: a model whose cost is per call."""
+    time.sleep(1.0)
+    return count_letter_a(prompts, responses)
+
+
+def hang(prompts: list[str], responses: list[str]) -> list[float]:
+    """Never answers (a wedged accelerator, a deadlock)."""
+    time.sleep(1000)
+    return count_letter_a(prompts, responses)
+
+
+def wrong_types_on_command(prompts: list[str], responses: list[str]) -> object:
+    """count_letter_a, unless the first response names a wrong answer: "str" -> ["1.5"], "bool" ->
+    [True], "string" -> "123", "nan" -> [nan], "none" -> [None] (one per text)."""
+    wrong = {"str": "1.5", "bool": True, "nan": float("nan"), "none": None}
+    if responses and responses[0] == "string":
+        return "123"
+    if responses and responses[0] in wrong:
+        return [wrong[responses[0]]] * len(responses)
+    return count_letter_a(prompts, responses)
+
+
+def count_letter_a_with_ledger(prompts: list[str], responses: list[str]) -> list[float]:
+    """count_letter_a after 0.2 s; first appends "PID TEXTS" to the file $REWARD_LEDGER, so a test
+    knows what a server that was killed had been given."""
+    with open(os.environ["REWARD_LEDGER"], "a") as ledger:
+        ledger.write(f"{os.getpid()} {len(responses)}\n")
+    time.sleep(0.2)
+    return count_letter_a(prompts, responses)

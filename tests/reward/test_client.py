@@ -3,6 +3,7 @@ well-behaved server never produces."""
 
 import json
 import logging
+import re
 import threading
 import time
 
@@ -95,6 +96,7 @@ def test_a_server_error_is_retried_then_reported_with_its_message(servers):
 def test_health_is_true_for_a_live_server_and_false_for_a_dead_port(servers):
     _, second = servers
     with RewardClient(second.url) as live, RewardClient(f"http://127.0.0.1:{free_port()}") as dead:
+        live.score(["p"], ["a"])  # an earlier test's failing batch left the server unhealthy until a success
         assert live.health() is True
         assert dead.health() is False
         live.wait_until_healthy(1.0)
@@ -168,19 +170,32 @@ def test_the_request_carries_full_texts_and_prompts_and_the_token():
 
 
 @pytest.mark.parametrize(
-    ("answer", "message"),
+    ("body", "message"),
     [
-        (httpx.Response(200, json={"rewards": [1.0]}), "returned 1 rewards for 2 texts"),
-        (httpx.Response(200, json={"rewards": [1.0, float("nan")]}), "non-finite reward at index 1"),
-        (httpx.Response(200, json={"scores": [1.0, 2.0]}), 'without a "rewards" list'),
-        (httpx.Response(200, json={"rewards": ["x", 1.0]}), 'without a "rewards" list'),
-        (httpx.Response(200, text="<html>"), 'without a "rewards" list'),
-        (httpx.Response(400, json={"error": "query[0] does not start with prompts[0]"}), "query[0] does not start"),
+        ({"rewards": [1.0]}, "returned 1 rewards for 2 texts"),
+        ({"rewards": [1.0, float("nan")]}, "non-finite reward at index 1"),
+        ({"rewards": [1.0, 1e400]}, "non-finite reward at index 1"),
+        ({"scores": [1.0, 2.0]}, 'without a "rewards" list'),
+        ({"rewards": "12"}, 'without a "rewards" list (got str)'),
+        ({"rewards": ["1.5", 1.0]}, "returned str '1.5' at index 0, not a number"),
+        ({"rewards": [1.0, True]}, "returned bool True at index 1, not a number"),
+        ({"rewards": [None, 1.0]}, "returned NoneType None at index 0, not a number"),
+        ("<html>", "not JSON"),
     ],
 )
-def test_a_bad_answer_is_an_error_and_not_retried(answer, message):
+def test_a_200_answer_without_one_finite_number_per_text_is_retried_then_an_error(body, message):
+    answer = httpx.Response(200, text=body) if isinstance(body, str) else httpx.Response(200, json=body)
     client, requests = scripted_client([answer, answer], max_retries=1)
-    with pytest.raises(RewardServerError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(RewardServerError, match=re.escape(message)) as raised:
+        client.score(["p", "q"], ["r", "s"])
+    assert len(requests) == 2
+    assert "http://reward.test" in str(raised.value) and "(2 tries)" in str(raised.value)
+
+
+def test_a_refused_request_is_an_error_and_not_retried():
+    answer = httpx.Response(400, json={"error": "query[0] does not start with prompts[0]"})
+    client, requests = scripted_client([answer, answer], max_retries=1)
+    with pytest.raises(RewardServerError, match=re.escape("HTTP 400: query[0] does not start")):
         client.score(["p", "q"], ["r", "s"])
     assert len(requests) == 1
 

@@ -3,8 +3,11 @@
 import os
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import pytest
 
 from metaapo_nemo.reward.client import RewardClient, RewardServerError
@@ -70,3 +73,33 @@ def test_the_server_ends_when_the_job_that_started_it_is_killed():
     while process_alive(server_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not process_alive(server_pid)
+
+
+class AlwaysHealthy(BaseHTTPRequestHandler):
+    """Another service on this machine that answers 200 {"status": "ok"} to every GET."""
+
+    def do_GET(self) -> None:
+        body = b'{"status": "ok", "instance": "someone-else"}'
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_readiness_is_checked_against_the_server_it_started_not_whoever_answers_200():
+    impostor = ThreadingHTTPServer(("127.0.0.1", 0), AlwaysHealthy)
+    threading.Thread(target=impostor.serve_forever, daemon=True).start()
+    try:
+        with start_local_reward_server(reward_fn="tests.reward.fixtures:count_letter_a") as server:
+            assert server.url != f"http://127.0.0.1:{impostor.server_port}"
+            health = httpx.get(f"{server.url}/health", timeout=5).json()
+            assert health["instance"] == server.instance != "someone-else"
+            assert "--port 0 --port-file" in " ".join(server.process.args)
+            with RewardClient(server.url) as client:
+                assert client.score(["a? "], ["banana"]) == [3.0]
+    finally:
+        impostor.shutdown()
+        impostor.server_close()

@@ -57,9 +57,11 @@ def test_an_empty_query_list_gets_empty_rewards(server):
     assert post(server, {"query": []}).json() == {"rewards": [], "scores": []}
 
 
-def test_health_answers_ok(server):
+def test_health_answers_ok_with_the_servers_instance_id(server):
     answer = httpx.get(f"{server.url}/health", timeout=5)
-    assert (answer.status_code, answer.json()) == (200, {"status": "ok"})
+    assert (answer.status_code, answer.json()["status"]) == (200, "ok")
+    instance = answer.json()["instance"]
+    assert len(instance) == 16 and httpx.get(f"{server.url}/health", timeout=5).json()["instance"] == instance
 
 
 def test_each_scored_request_logs_one_line_with_its_count(server):

@@ -1,0 +1,60 @@
+"""A user error ends a run in one line on rank 0 and exit status 2 on every rank, never a traceback:
+from `metaapo run` (before or during set-up) and from `nemo llm metaapo`, whose task runs in the
+launcher process itself when no executor is given."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import SHRUNK_TINY_CPU
+
+ROOT = Path(__file__).resolve().parents[1]
+NEMO = Path(sys.executable).with_name("nemo")
+
+# The loop raising a ConfigError at set-up, as it does for a model folder or data file it cannot use.
+FAILING_LOOP = """
+import sys
+import metaapo_nemo.algorithm.metaapo as loop
+from metaapo_nemo import cli
+from metaapo_nemo.config import ConfigError
+
+def run_metaapo(config):
+    raise ConfigError("x: fix y")
+
+loop.run_metaapo = run_metaapo
+sys.exit(cli.main(["run", "--recipe", "tiny_cpu", "output_dir=" + sys.argv[1]]))
+"""
+
+
+def _run(args, tmp_path, **env):
+    # -W ignore: megatron warns on import that it found no Apex; this test reads our own lines.
+    return subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+                               "NEMORUN_HOME": str(tmp_path / "nemo_run"), **env})
+
+
+@pytest.mark.parametrize("rank, said", [("0", "error: x: fix y\n"), ("1", "")], ids=["rank0", "rank1"])
+def test_a_config_error_from_the_loop_is_one_line_on_rank0_and_status_2_on_every_rank(tmp_path, rank, said):
+    proc = _run([sys.executable, "-c", FAILING_LOOP, str(tmp_path / "out")], tmp_path, RANK=rank)
+    assert proc.returncode == 2 and proc.stderr == said, proc.stderr
+
+
+def test_a_broken_data_file_found_at_set_up_is_one_line_without_a_traceback(tmp_path):
+    broken = tmp_path / "train.jsonl"
+    broken.write_text('{"prompt": "x", "chosen": \n')
+    proc = _run([sys.executable, "-m", "metaapo_nemo", "run", "--recipe", "tiny_cpu", f"output_dir={tmp_path / 'out'}",
+                 f"task.cache_dir={tmp_path / 'cache'}", *SHRUNK_TINY_CPU, f"data.train={broken}"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith(f"error: {broken}, line 1: not valid JSON") and proc.stderr.count("\n") == 1, \
+        proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(not NEMO.exists(), reason="the nemo console script is installed with the package")
+def test_nemo_without_an_executor_ends_a_config_error_in_our_line_and_status_2(tmp_path):
+    proc = _run([str(NEMO), "llm", "metaapo", "--recipe", "tiny_cpu", "--yes", "trainer.checkpoint_signal=SIGHUP",
+                 f"output_dir={tmp_path / 'out'}"], tmp_path)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: invalid configuration") and "trainer.checkpoint_signal='SIGHUP'" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout and "Unexpected error" not in proc.stderr
