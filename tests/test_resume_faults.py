@@ -2,7 +2,8 @@
 checkpoint write, scoring), resumed by the same command each time, ends where an uninterrupted run
 ends: the same final weights, the same summary, the same metrics, and the same number of texts
 scored, counted at a reward server both runs share. A damaged newest checkpoint falls back to
-the one before it; a `latest` that points outside the run's checkpoints is refused."""
+the one before it; a `latest` that points outside the run's checkpoints is refused; steps gone NaN
+are skipped and then stop the run."""
 import json
 import os
 import signal
@@ -56,13 +57,13 @@ def _texts_scored(url: str) -> float:
     return parse_metrics(httpx.get(f"{url}/metrics", timeout=10).text)["metaapo_reward_texts_scored_total"]
 
 
-def _run(out, cache, url, fault=None, timeout=900):
+def _run(out, cache, url, fault=None, extra=(), timeout=900):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "COLUMNS": "1000"}  # no wrapped lines
     env.pop("METAAPO_FAULT", None)
     if fault:
         env["METAAPO_FAULT"] = fault
     command = [sys.executable, "-m", "metaapo_nemo", "run", "--recipe", "tiny_cpu", f"output_dir={out}",
-               f"task.cache_dir={cache}", f"reward.url={url}", *SETTINGS]
+               f"task.cache_dir={cache}", f"reward.url={url}", *SETTINGS, *extra]
     logs = Path(out).parent
     logs.mkdir(parents=True, exist_ok=True)
     with open(logs / "stdout.log", "w+") as stdout, open(logs / "stderr.log", "w+") as stderr:
@@ -158,3 +159,19 @@ def test_latest_pointing_outside_the_run_is_refused_before_anything_is_unpickled
     assert len(errors) == 1 and "names '../evil', which is not a checkpoint folder inside" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not marker.exists()
+
+
+def test_steps_that_turn_nan_are_skipped_and_then_stop_the_run_naming_the_last_good_checkpoint(
+        uninterrupted, reward_server, tmp_path):
+    _, cache, _ = uninterrupted
+    out = tmp_path / "out"
+    # Adam's first step moves every weight by ~lr: 1e30 makes the next forward overflow to inf.
+    proc = _run(out, cache, reward_server, extra=["policy.lr=1e30", "trainer.max_skipped_steps=2"])
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "2 optimiser steps had a NaN or inf loss or gradient (the last after step 1 of " \
+        "iteration 1)" in errors[0], proc.stderr[-2000:]
+    assert f"The last good checkpoint is {out / 'checkpoints' / 'iter_1_step_1'}" in errors[0]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in rows if r["event"] in ("train_step", "skipped_step")] == \
+        ["train_step", "skipped_step", "skipped_step"]
