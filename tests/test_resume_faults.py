@@ -31,12 +31,10 @@ SUMMARY_KEYS = ["algorithm", "iterations", "finished", "annotation_ratio", "prom
                 "reward_per_iteration"]
 
 
-@pytest.fixture(scope="module")
-def reward_server(tmp_path_factory):
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "wb")
+def _start_server(log_path, port, reward_fn="metaapo_nemo.data.toy_task:reward"):
+    log = open(log_path, "ab")
     proc = subprocess.Popen([sys.executable, "-m", "metaapo_nemo.reward.server", "--port", str(port),
-                             "--reward-fn", "metaapo_nemo.data.toy_task:reward"],
+                             "--reward-fn", reward_fn],
                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
@@ -48,6 +46,12 @@ def reward_server(tmp_path_factory):
             pass
         assert proc.poll() is None and time.time() < deadline, "the reward server did not start"
         time.sleep(0.2)
+    return proc, url
+
+
+@pytest.fixture(scope="module")
+def reward_server(tmp_path_factory):
+    proc, url = _start_server(tmp_path_factory.mktemp("server") / "server.log", free_port())
     yield url
     proc.terminate()
     proc.wait(timeout=30)
@@ -175,3 +179,35 @@ def test_steps_that_turn_nan_are_skipped_and_then_stop_the_run_naming_the_last_g
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["event"] for r in rows if r["event"] in ("train_step", "skipped_step")] == \
         ["train_step", "skipped_step", "skipped_step"]
+
+
+def test_a_reward_server_killed_and_restarted_mid_annotation_is_waited_for_and_no_pair_is_lost_or_doubled(
+        uninterrupted, tmp_path):
+    import threading
+
+    reference, cache, _ = uninterrupted
+    out, port = tmp_path / "out", free_port()
+    server, url = _start_server(tmp_path / "server.log", port, "tests.reward.fixtures:slow_toy_reward")
+    restarted = []
+    ledger = out / "rewards" / "rank_0.jsonl"
+
+    def kill_mid_annotation():
+        # The held-out evaluation scores 16 x 2 texts; past 64 lines iteration 1's annotation is under way.
+        while not (ledger.exists() and len(ledger.read_text().splitlines()) > 64):
+            time.sleep(0.05)
+        server.kill()
+        server.wait()
+        time.sleep(2.0)  # the run's requests fail meanwhile, and are retried
+        restarted.append(_start_server(tmp_path / "server.log", port, "tests.reward.fixtures:slow_toy_reward")[0])
+
+    killer = threading.Thread(target=kill_mid_annotation, daemon=True)
+    killer.start()
+    try:
+        proc = _run(out, cache, url, extra=["reward.batch_size=8"])
+    finally:
+        for p in [server, *restarted]:
+            p.kill()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert restarted, "the server was never killed: the annotation ended before 64 texts were scored"
+    assert "retrying" in proc.stderr + proc.stdout
+    _assert_same_result(out, reference)  # a lost or doubled pair would change the trajectory

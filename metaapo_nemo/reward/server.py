@@ -3,8 +3,10 @@
 Protocol (compatible with OpenRLHF's remote reward model, see docs/CONTRACTS.md):
 ``POST /get_reward`` ``{"query": [full text], "prompts": [prompt]?, "labels": [...]?}`` ->
 ``{"rewards": [float], "scores": [float]}``; ``GET /health`` -> 200 ``{"status": "ok", "instance": ID,
-...}`` while scoring works, 503 ``{"status": "unhealthy", "reason": ..., "instance": ID}`` when the
-scoring thread has stopped or the last reward call failed; ``GET /metrics`` -> Prometheus text.
+...}`` while it scores, ``"status": "degraded"`` with the ``reason`` when the last reward call failed
+(it still takes requests: the next may succeed, and a trainer waiting for health must not wait for
+a success only its own requests could bring), 503 ``{"status": "unhealthy", "reason": ...}`` when
+the scoring thread has stopped; ``GET /metrics`` -> Prometheus text.
 
 Requests are batched dynamically: one scoring thread takes up to ``--max-batch-texts`` texts from
 the queued requests (waiting at most ``--max-wait-ms`` after the oldest arrived for more to come),
@@ -298,9 +300,8 @@ class Batcher:
             return len(self.queue), self.queued_texts
 
     def health_problem(self) -> str | None:
-        if not self.thread.is_alive():
-            return "the scoring thread has stopped"
-        return self.last_failure
+        """Why this server cannot score at all, or None."""
+        return None if self.thread.is_alive() else "the scoring thread has stopped"
 
     def _serve(self) -> None:
         while True:
@@ -383,9 +384,8 @@ def create_app(
         if problem is not None:
             return JSONResponse({"status": "unhealthy", "reason": problem, "instance": instance}, status_code=503)
         queued_requests, queued_texts = batcher.depth()
-        return JSONResponse(
-            {"status": "ok", "instance": instance, "queued_requests": queued_requests, "queued_texts": queued_texts}
-        )
+        state = {"status": "ok"} if batcher.last_failure is None else {"status": "degraded", "reason": batcher.last_failure}
+        return JSONResponse({**state, "instance": instance, "queued_requests": queued_requests, "queued_texts": queued_texts})
 
     @app.get("/metrics")
     async def metrics_text() -> PlainTextResponse:

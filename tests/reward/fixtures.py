@@ -129,3 +129,11 @@ def count_letter_a_with_ledger(prompts: list[str], responses: list[str]) -> list
         ledger.write(f"{os.getpid()} {len(responses)}\n")
     time.sleep(0.2)
     return count_letter_a(prompts, responses)
+
+
+def slow_toy_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    """The embedded task's reward, 0.2 s per call: an annotation long enough to kill a server in."""
+    from metaapo_nemo.data.toy_task import reward
+
+    time.sleep(0.2)
+    return reward(prompts, responses)

@@ -159,13 +159,13 @@ def test_metrics_count_outcomes_texts_batches_and_latency(start):
     assert counts["metaapo_reward_queued_requests"] == counts["metaapo_reward_queued_texts"] == 0
 
 
-def test_health_is_503_with_the_reason_after_a_failed_reward_call_and_ok_after_a_success(start):
+def test_health_is_degraded_with_the_reason_after_a_failed_reward_call_and_ok_after_a_success(start):
     server = start(*MISBEHAVE)
     instance = httpx.get(f"{server.url}/health", timeout=5).json()["instance"]
     post(server, ["raise"])
     answer = httpx.get(f"{server.url}/health", timeout=5)
-    assert answer.status_code == 503
-    assert answer.json()["status"] == "unhealthy" and answer.json()["instance"] == instance
+    assert answer.status_code == 200  # still serving: a trainer waiting for health starts, and may succeed
+    assert answer.json()["status"] == "degraded" and answer.json()["instance"] == instance
     assert "told to raise" in answer.json()["reason"]
     post(server, ["a"])
     assert httpx.get(f"{server.url}/health", timeout=5).json()["status"] == "ok"
