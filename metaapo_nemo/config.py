@@ -39,6 +39,9 @@ class DataConfig:
     train: Optional[str] = None  # preference pairs (.jsonl, .parquet or a datasets.save_to_disk folder)
     eval: Optional[str] = None  # held-out prompts, same formats; `prompt` is enough
     skip_invalid: bool = False  # skip and count records that break the schema instead of stopping
+    # A prompt over policy.max_prompt_length tokens: false, the run stops naming the record (or
+    # skips it under skip_invalid); true, its last max_prompt_length tokens are kept, as TRL does.
+    truncate_long_prompts: bool = False
     max_train_pairs: Optional[int] = None  # use only the first N pairs (quick trials)
     max_eval_prompts: Optional[int] = 256  # evaluate on at most N held-out prompts
 

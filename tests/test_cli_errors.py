@@ -58,3 +58,17 @@ def test_nemo_without_an_executor_ends_a_config_error_in_our_line_and_status_2(t
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stderr.startswith("error: invalid configuration") and "trainer.checkpoint_signal='SIGHUP'" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout and "Unexpected error" not in proc.stderr
+
+
+def test_a_prompt_over_the_length_limit_is_one_line_naming_the_record_before_the_models_load(tmp_path):
+    import json
+
+    data = tmp_path / "train.jsonl"
+    records = [{"prompt": "rev:" + "ab" * 50 + "=", "chosen": "ba", "rejected": "ab"},
+               {"prompt": "rev:ab=", "chosen": "ba", "rejected": "ab"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    proc = _run([sys.executable, "-m", "metaapo_nemo", "run", "--recipe", "tiny_cpu", f"output_dir={tmp_path / 'out'}",
+                 f"task.cache_dir={tmp_path / 'cache'}", *SHRUNK_TINY_CPU, f"data.train={data}"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"error: {data}, line 1: the prompt has "), proc.stderr
+    assert "more than policy.max_prompt_length=64; raise that limit, set data.truncate_long_prompts=true" in proc.stderr

@@ -166,6 +166,15 @@ class MetaAPORun:
         self.tokenizer = AutoTokenizer.from_pretrained(c.policy.hf_path)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        # Tokenized before the models load: a prompt over the length limit is found now.
+        records = inputs.records[: c.data.max_train_pairs] if c.data.max_train_pairs else inputs.records
+        self.examples, truncated, long_skipped = self._tokenize(records)
+        eval_records = inputs.eval_prompts[: c.data.max_eval_prompts]
+        eval_ids = [encode_prompt(self.tokenizer, e.prompt) for e in eval_records]
+        keep = [i for i, ids in enumerate(eval_ids) if not self._too_long(eval_records[i].where, len(ids))]
+        self.eval_prompts = [self._prompt_text(eval_records[i].prompt) for i in keep]
+        self.eval_ids = [eval_ids[i][-c.policy.max_prompt_length:] for i in keep]
+        skipped, eval_skipped = inputs.skipped + long_skipped, inputs.eval_skipped + len(eval_ids) - len(keep)
         model_cfg, policy_weights = load_hf_checkpoint(c.policy.hf_path)
         ref_path = c.reference.hf_path or c.policy.hf_path
         ref_cfg, ref_weights = (model_cfg, policy_weights) if ref_path == c.policy.hf_path else load_hf_checkpoint(ref_path)
@@ -217,14 +226,6 @@ class MetaAPORun:
         identity = c.reward.reward_fn or c.reward.model_dir or ",".join(urls)
         self.ledger = RewardLedger(self.out / "rewards", world_rank(), self.reward, identity)
 
-        records, skipped = inputs.records, inputs.skipped
-        if c.data.max_train_pairs:
-            records = records[: c.data.max_train_pairs]
-        self.examples, truncated = self._tokenize(records)
-        eval_skipped = inputs.eval_skipped
-        eval_prompts = [e.prompt for e in inputs.eval_prompts[: c.data.max_eval_prompts]]
-        self.eval_prompts = [self._prompt_text(p) for p in eval_prompts]
-        self.eval_ids = [encode_prompt(self.tokenizer, p)[-c.policy.max_prompt_length:] for p in eval_prompts]
         n = len(self.examples)
         if n < c.algo.iterations:
             raise ConfigError(f"{n} preference pairs cannot fill algo.iterations={c.algo.iterations} slices")
@@ -243,17 +244,35 @@ class MetaAPORun:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def _tokenize(self, records) -> tuple[list[Example], int]:
+    def _tokenize(self, records) -> tuple[list[Example], int, int]:
+        """The records as Examples; how many had their prompt or responses cut to the length limits
+        and how many were skipped for a prompt over policy.max_prompt_length (see _too_long)."""
         from metaapo_nemo.data.batching import encode_prompt, encode_response, truncate
 
-        p, examples, truncated = self.config.policy, [], 0
+        p, examples, truncated, skipped = self.config.policy, [], 0, 0
         for r in records:
             prompt = encode_prompt(self.tokenizer, r.prompt)
+            if self._too_long(r.where, len(prompt)):
+                skipped += 1
+                continue
             q1, chosen, t1 = truncate(prompt, encode_response(self.tokenizer, r.chosen), p.max_prompt_length, p.max_length)
             q2, rejected, t2 = truncate(prompt, encode_response(self.tokenizer, r.rejected), p.max_prompt_length, p.max_length)
             truncated += int(t1 or t2)
             examples.append(Example(r.prompt_id, self._prompt_text(r.prompt), q1, chosen, rejected, r.chosen, r.rejected))
-        return examples, truncated
+        return examples, truncated, skipped
+
+    def _too_long(self, where: str, prompt_tokens: int) -> bool:
+        """Whether to skip a record whose prompt has `prompt_tokens` tokens: False when it fits or
+        data.truncate_long_prompts keeps its end; True (skipped, counted) under data.skip_invalid;
+        otherwise ConfigError naming the record."""
+        c = self.config
+        if prompt_tokens <= c.policy.max_prompt_length or c.data.truncate_long_prompts:
+            return False
+        if c.data.skip_invalid:
+            return True
+        raise ConfigError(f"{where}: the prompt has {prompt_tokens} tokens, more than policy.max_prompt_length="
+                          f"{c.policy.max_prompt_length}; raise that limit, set data.truncate_long_prompts=true to keep "
+                          "the prompt's last tokens, or data.skip_invalid=true to skip such records")
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
