@@ -49,7 +49,9 @@ class DataConfig:
 @dataclass
 class RewardConfig:
     url: Optional[Union[str, list[str]]] = None  # remote reward server(s); None: start `reward_fn` locally
-    token: Optional[str] = None  # bearer token for the server
+    # Bearer token for the server; None: $METAAPO_REWARD_TOKEN, if set (which keeps it off command
+    # lines and out of logs; a Slurm job passes it so).
+    token: Optional[str] = None
     reward_fn: Optional[str] = None  # MODULE:FUNCTION served by the local server when url is None
     model_dir: Optional[str] = None  # or a Bradley-Terry reward model folder served locally
     timeout_s: float = 120.0  # one try of one request, answer included
@@ -57,6 +59,9 @@ class RewardConfig:
     # The whole of one request, retries and waits included: a reward server that dies and is
     # restarted within this budget is waited for; None: (1 + max_retries) tries of timeout_s.
     call_timeout_s: Optional[float] = 600.0
+    # How long the run waits for its reward servers to answer /health at start (a local one
+    # included): loading an 8B reward model takes minutes.
+    startup_timeout_s: float = 600.0
     batch_size: int = 256  # (prompt, response) pairs per request
 
 
@@ -124,6 +129,9 @@ class TrainerConfig:
     checkpoint_signal: Optional[str] = None
     # Optimiser steps skipped for a NaN or inf loss or gradient before the run stops.
     max_skipped_steps: int = 10
+    # Longest wait of a collective (torch.distributed and Megatron's groups): ranks wait for each
+    # other across phases of unequal length (sampling, evaluation); torch's default is 10 minutes.
+    collective_timeout_s: float = 3600.0
 
 
 @dataclass
@@ -220,6 +228,10 @@ class MetaAPOConfig:
                                                  and r.call_timeout_s >= r.timeout_s):
             problems.append(f"reward.call_timeout_s={r.call_timeout_s!r}: must be >= reward.timeout_s ({r.timeout_s}), "
                             "or None")
+        for key, value in (("reward.startup_timeout_s", r.startup_timeout_s),
+                           ("trainer.collective_timeout_s", t.collective_timeout_s)):
+            if not (isinstance(value, (int, float)) and value > 0):
+                problems.append(f"{key}={value!r}: must be > 0 seconds")
         if not (isinstance(r.max_retries, int) and r.max_retries >= 0):
             problems.append(f"reward.max_retries={r.max_retries!r}: must be an integer >= 0")
         if not isinstance(t.use_distributed_optimizer, bool):

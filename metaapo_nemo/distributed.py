@@ -2,6 +2,8 @@
 process, no launcher) and for torchrun jobs (TP x PP x DP ranks, gloo on CPU, nccl on GPU)."""
 from __future__ import annotations
 
+import datetime
+import math
 import os
 import socket
 
@@ -32,16 +34,17 @@ def use_cuda(config=None) -> bool:
     return _accelerator == "gpu" or (_accelerator == "auto" and torch.cuda.is_available())
 
 
-def _start_process_group() -> None:
+def _start_process_group(timeout_s: float) -> None:
     backend = "nccl" if use_cuda() else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)  # torchrun's env:// rendezvous
+        dist.init_process_group(backend=backend, timeout=timeout)  # torchrun's env:// rendezvous
         return
     # No launcher: a world of one, on a port nobody else holds.
     dist.init_process_group(
-        backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+        backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=timeout
     )
 
 
@@ -53,9 +56,13 @@ def _parallel_sizes() -> tuple[int, int]:
 
 
 def init_distributed(
-    tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1, *, seed: int = 1234
+    tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1, *, seed: int = 1234,
+    timeout_s: float = 3600.0,
 ) -> None:
     """Start torch.distributed (if needed), Megatron's TP/PP/DP groups and the RNG state.
+
+    timeout_s bounds every collective, Megatron's groups' too: ranks wait for each other across
+    phases of unequal length (one rank's share of sampling or evaluation can take much longer).
 
     Idempotent: a second call with the same sizes changes nothing; one with other sizes rebuilds
     the Megatron groups. Data parallel size = world size / (TP x PP). `seed` must be the same on
@@ -69,7 +76,7 @@ def init_distributed(
     if not use_cuda():
         cpu_compat.apply_cpu_patches()
     if not dist.is_initialized():
-        _start_process_group()
+        _start_process_group(timeout_s)
     world = dist.get_world_size()
     model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size
     if world % model_parallel:
@@ -86,6 +93,7 @@ def init_distributed(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
+        distributed_timeout_minutes=math.ceil(timeout_s / 60),
     )
     cpu_compat.seed_model_parallel_rng(seed, cuda=use_cuda())
 

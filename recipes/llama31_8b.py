@@ -49,7 +49,7 @@ def recipe() -> MetaAPOConfig:
         output_dir="results/llama31_8b",
         policy=PolicyConfig(lr=5e-7, max_prompt_length=2048, max_length=4096, bf16=True),
         data=DataConfig(max_eval_prompts=805),
-        reward=RewardConfig(timeout_s=300.0),
+        reward=RewardConfig(timeout_s=300.0, startup_timeout_s=1800.0),  # an 8B reward model loads for minutes
         algo=AlgoConfig(name="metaapo", iterations=3, num_samples=8, beta=0.1, meta_interval=8),
         rollout=RolloutConfig(engine="trtllm", temperature=1.0, top_p=1.0, max_new_tokens=2048),
         trainer=TrainerConfig(accelerator="gpu", tensor_model_parallel_size=8, pipeline_model_parallel_size=1,

@@ -72,3 +72,49 @@ def test_a_prompt_over_the_length_limit_is_one_line_naming_the_record_before_the
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"error: {data}, line 1: the prompt has "), proc.stderr
     assert "more than policy.max_prompt_length=64; raise that limit, set data.truncate_long_prompts=true" in proc.stderr
+
+
+def test_a_local_reward_server_on_a_job_of_two_nodes_is_refused_in_one_line(tmp_path):
+    from tests.helpers import free_port
+
+    port, out = free_port(), tmp_path / "out"
+    # Two torchrun agents of one rank each, as on two nodes: ranks on node 1 could not reach rank 0's loopback.
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(i),
+                               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+                               "-m", "metaapo_nemo", "run", "--recipe", "tiny_cpu", f"output_dir={out}",
+                               f"task.cache_dir={tmp_path / 'cache'}", *SHRUNK_TINY_CPU],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}) for i in (0, 1)]
+    results = [node.communicate(timeout=600) for node in nodes]
+    assert all(node.returncode != 0 for node in nodes)
+    errors = [line for _, err in results for line in err.splitlines() if line.startswith("error:")]
+    assert errors == ["error: this job spans 2 nodes and reward.url is not set: a local reward server would answer "
+                      "rank 0's node only. Give reward.url=URL of a reward server every node reaches, or start a "
+                      "reward group with run.reward_nodes=K (run.executor=slurm)"], results
+
+
+def test_the_reward_token_travels_by_environment_and_a_wrong_one_ends_in_one_line_with_status_3(tmp_path):
+    from tests.helpers import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "metaapo_nemo.reward.server", "--port", str(port), "--reward-fn",
+                               "metaapo_nemo.data.toy_task:reward"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "METAAPO_REWARD_TOKEN": "s3cret"})
+    try:
+        def run(token, out):
+            return _run([sys.executable, "-m", "metaapo_nemo", "run", "--recipe", "tiny_cpu", f"output_dir={out}",
+                         f"task.cache_dir={tmp_path / 'cache'}", *SHRUNK_TINY_CPU, "algo.iterations=1",
+                         f"reward.url=http://127.0.0.1:{port}", "reward.startup_timeout_s=60"], tmp_path,
+                        METAAPO_REWARD_TOKEN=token)
+
+        good = run("s3cret", tmp_path / "good")
+        assert good.returncode == 0, good.stderr[-3000:]
+        bad = run("wrong", tmp_path / "bad")
+        assert bad.returncode == 3, bad.stderr[-3000:]
+        errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "HTTP 401" in errors[0] and "reward.token" in errors[0], bad.stderr[-3000:]
+        assert "Traceback" not in bad.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

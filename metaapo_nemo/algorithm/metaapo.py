@@ -139,7 +139,17 @@ class MetaAPORun:
         c = self.config
         if c.trainer.num_threads:
             torch.set_num_threads(c.trainer.num_threads)
-        init_distributed(c.trainer.tensor_model_parallel_size, c.trainer.pipeline_model_parallel_size, seed=c.seed)
+        init_distributed(c.trainer.tensor_model_parallel_size, c.trainer.pipeline_model_parallel_size, seed=c.seed,
+                         timeout_s=c.trainer.collective_timeout_s)
+        nodes = world_size() // int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+        if c.reward.url is None and nodes > 1:
+            # rank 0's local server listens on its own loopback, which the other nodes cannot reach.
+            raise ConfigError(f"this job spans {nodes} nodes and reward.url is not set: a local reward server would "
+                              "answer rank 0's node only. Give reward.url=URL of a reward server every node reaches, "
+                              "or start a reward group with run.reward_nodes=K (run.executor=slurm)")
+        from metaapo_nemo.reward.server import TOKEN_ENV
+
+        token = c.reward.token or os.environ.get(TOKEN_ENV) or None  # by environment: never on a command line
         self.rank0 = is_rank0()
         self.console = Console(enabled=self.rank0)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -214,12 +224,13 @@ class MetaAPORun:
             if self.rank0:
                 self.console.log(f"reward: starting a local reward server ({c.reward.reward_fn or c.reward.model_dir})")
                 self.reward_server = start_local_reward_server(reward_fn=c.reward.reward_fn, model_dir=c.reward.model_dir,
-                                                               token=c.reward.token, log_file=str(self.out / "reward_server.log"))
+                                                               token=token, log_file=str(self.out / "reward_server.log"),
+                                                               startup_timeout_s=c.reward.startup_timeout_s)
             urls = [all_gather_objects(self.reward_server.url if self.rank0 else None)[0]]
-        self.reward = RewardClient(urls, token=c.reward.token, timeout_s=c.reward.timeout_s,
+        self.reward = RewardClient(urls, token=token, timeout_s=c.reward.timeout_s,
                                    max_retries=c.reward.max_retries, batch_size=c.reward.batch_size,
                                    call_timeout_s=c.reward.call_timeout_s)
-        self.reward.wait_until_healthy(c.reward.timeout_s)
+        self.reward.wait_until_healthy(c.reward.startup_timeout_s)
         from metaapo_nemo.reward.ledger import RewardLedger
 
         # Rewards are paid once: a resumed run (and a repeated sample) is answered from the ledger.
