@@ -114,6 +114,8 @@ def test_the_reward_token_travels_by_environment_and_a_wrong_one_ends_in_one_lin
         assert bad.returncode == 3, bad.stderr[-3000:]
         errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "HTTP 401" in errors[0] and "reward.token" in errors[0], bad.stderr[-3000:]
+        assert errors[0].endswith("run the same command: it resumes from the start, and rewards already paid for "
+                                  "are not asked for again")
         assert "Traceback" not in bad.stderr
     finally:
         server.terminate()

@@ -39,6 +39,7 @@ from metaapo_nemo.distributed import (
     all_gather_objects, all_reduce_sum, barrier, broadcast_module, data_parallel_size, is_loss_rank, world_rank, world_size,
 )
 from metaapo_nemo.metrics import Console, MetricsWriter
+from metaapo_nemo.reward.client import RewardServerError
 
 
 class TrainingDiverged(ConfigError):
@@ -323,6 +324,11 @@ class MetaAPORun:
                 _print_summary(summary)
             barrier()  # the local reward server stops only when every rank is done with it
             return summary
+        except RewardServerError as err:
+            last = getattr(self, "_last_checkpoint", None)
+            where = f"from {self._checkpoint_dir() / last}" if last else "from the start"
+            raise RewardServerError(f"{err}. Once the reward server is back, run the same command: it resumes {where}, "
+                                    "and rewards already paid for are not asked for again") from None
         finally:
             if getattr(self, "reward_server", None) is not None:
                 self.reward_server.stop()
