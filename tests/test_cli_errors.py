@@ -2,8 +2,11 @@
 from `metaapo run` (before or during set-up) and from `nemo llm metaapo`, whose task runs in the
 launcher process itself when no executor is given."""
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -120,3 +123,24 @@ def test_the_reward_token_travels_by_environment_and_a_wrong_one_ends_in_one_lin
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_second_run_on_the_output_dir_of_a_live_one_is_refused_in_one_line(tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    command = [sys.executable, "-m", "metaapo_nemo", "run", "--recipe", "tiny_cpu", f"output_dir={out}",
+               f"task.cache_dir={cache}", *SHRUNK_TINY_CPU]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([*command, "trainer.epochs_per_iteration=1000"], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (out / "metrics.jsonl").exists():  # the first run holds the lock by then
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        second = _run(command, tmp_path)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert second.stderr == (f"error: output_dir={out} is in use by another run (pid {first.pid} on "
+                                 f"{socket.gethostname()}): wait for it to end, stop it, or give another output_dir\n")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()

@@ -154,6 +154,7 @@ class MetaAPORun:
         self.rank0 = is_rank0()
         self.console = Console(enabled=self.rank0)
         self.out.mkdir(parents=True, exist_ok=True)
+        self._lock_output_dir()
         self.metrics = MetricsWriter(self.out / "metrics.jsonl", enabled=self.rank0)
         self.state = RunState()
         self._last_checkpoint = None  # the newest complete checkpoint, kept when the next one is written
@@ -249,6 +250,31 @@ class MetaAPORun:
                          f"policy {n_params / 1e6:.2f}M parameters, reward at {', '.join(urls)}")
         self.setup_info = dict(algorithm=c.algo.name, pairs=n, skipped=skipped, truncated=truncated,
                                eval_prompts=len(self.eval_prompts), parameters=n_params)
+
+    def _lock_output_dir(self) -> None:
+        """Hold output_dir/.lock (rank 0, for the run's life; the kernel frees it however the run
+        ends): a second run on the same output_dir would interleave checkpoints and metrics, so it
+        is refused in one line. Collective."""
+        problem = None
+        if self.rank0:
+            import fcntl
+            import socket
+
+            self._lock = open(self.out / ".lock", "a+")
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._lock.seek(0)
+                holder = self._lock.read().strip() or "another process"
+                problem = (f"output_dir={self.out} is in use by another run ({holder}): wait for it to end, stop it, "
+                           "or give another output_dir")
+            else:
+                self._lock.truncate(0)
+                self._lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+                self._lock.flush()
+        problem = all_gather_objects(problem)[0]
+        if problem:
+            raise ConfigError(problem)
 
     def _prompt_text(self, prompt) -> str:
         if isinstance(prompt, str) and not self.tokenizer.chat_template:
