@@ -27,8 +27,8 @@ SETTINGS = [*SHRUNK_TINY_CPU, "trainer.save_every_steps=1", "trainer.num_threads
 # Each launch dies at its point; the counts are per launch (a resumed process counts from 0).
 KILLS = ["sampling:1", "meta:2", "checkpoint_write:3", "scoring:1"]
 SUMMARY_KEYS = ["algorithm", "iterations", "finished", "annotation_ratio", "prompts_considered", "prompts_annotated",
-                "num_online_pairs", "ties", "meta_updates", "optimizer_steps", "reward_initial", "reward_final",
-                "reward_per_iteration"]
+                "num_online_pairs", "ties", "meta_updates", "optimizer_steps", "skipped_steps", "reward_initial",
+                "reward_final", "reward_per_iteration"]
 
 
 def _start_server(log_path, port, reward_fn="metaapo_nemo.data.toy_task:reward"):

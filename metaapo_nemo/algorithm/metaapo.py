@@ -686,6 +686,7 @@ class MetaAPORun:
             "finished": finished, "annotation_ratio": s.annotated / max(1, s.considered),
             "prompts_considered": s.considered, "prompts_annotated": s.annotated,
             "num_online_pairs": s.online_pairs, "ties": s.ties, "meta_updates": s.meta_updates, "optimizer_steps": s.step,
+            "skipped_steps": s.skipped_steps,
             "reward_initial": s.reward_initial, "reward_final": s.rewards[-1] if s.rewards else s.reward_initial,
             "reward_per_iteration": s.rewards, "seconds": secs,
             "tokens_per_second": {"training": s.train_tokens / max(1e-9, s.seconds["training"]),
