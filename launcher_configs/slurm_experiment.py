@@ -51,6 +51,8 @@ def main(argv=None) -> int:
             ssh_host=args.ssh_host))
         executors.check_config(config, reward)
         executors.check_layout(executor, config)
+        executors.check_outputs(executor, config)
+        executors.check_reward(executor, config, reward)
         if not args.dryrun:
             executors.check_submission(executor)
         with slurm.build_experiment(config, executor, reward=reward, recipe=args.recipe) as experiment:

@@ -31,6 +31,12 @@ from metaapo_nemo.recipes import RECIPES
 # and nemo-run. A real submission with it is refused (check_submission); dry runs note it.
 DEFAULT_CONTAINER_IMAGE = "nvcr.io/nvidia/tensorrt-llm/release:1.2.0"
 GPUS_PER_NODE = 8
+# The one task per node is torchrun with a rank per GPU: it gets the node's CPUs (8-GPU nodes have
+# at least 64 cores), for the ranks' data loading and tokenisation.
+CPUS_PER_NODE = 64
+# NeMo-Run requeues a failed job this many times; after that launch/slurm.py's rule (job_setup)
+# requeues only a run that checkpointed during the job.
+RETRIES = 3
 # Seconds a stopped local job has to end (a rank stops its reward server) before it is killed.
 STOP_GRACE_S = 10.0
 
@@ -55,6 +61,8 @@ def slurm(
     nodes: int = 1,
     gpus_per_node: int = GPUS_PER_NODE,
     time: str = "04:00:00",
+    cpus_per_task: int = CPUS_PER_NODE,
+    retries: int = RETRIES,
     container_image: str = DEFAULT_CONTAINER_IMAGE,
     container_mounts: Optional[list[str]] = None,
     job_dir: str = "",
@@ -65,7 +73,11 @@ def slurm(
 
     Submits from this machine (`sbatch` on PATH, a login node) unless `ssh_host` is given; job files
     go under `job_dir` (default ~/.nemo_run/experiments), which must be visible to the compute nodes.
-    The code runs from the image (containers/Dockerfile), so nothing is packaged.
+    The code runs from the image (containers/Dockerfile), so nothing is packaged. `container_mounts`
+    empty: the folders the run reads and writes, each at its own path (default_mounts).
+
+    Time limits: Slurm sends USR1 five minutes before the end (the trainer checkpoints and exits) and
+    the job is requeued (`--requeue`, `retries`, launch/slurm.py's job_setup) to resume.
     """
     tunnel = (run.Config(run.SSHTunnel, host=ssh_host, user=ssh_user or os.environ.get("USER", ""), job_dir=job_dir)
               if ssh_host else run.Config(run.LocalTunnel, job_dir=job_dir))
@@ -78,6 +90,11 @@ def slurm(
         ntasks_per_node=gpus_per_node,
         gpus_per_node=gpus_per_node,
         exclusive=True,
+        mem="0",  # all of each node's memory
+        cpus_per_task=cpus_per_task,
+        signal=S.SLURM_SIGNAL,
+        retries=retries,
+        additional_parameters={"requeue": True},
         time=time,
         container_image=container_image,
         container_mounts=list(container_mounts or []),
@@ -98,6 +115,38 @@ def check_config(config: C.MetaAPOConfig, reward: Optional[S.RewardGroup], on_th
     trainer_reward = dataclasses.replace(config.reward, url=f"http://reward-group:{reward.port}", reward_fn=None,
                                          model_dir=None)
     dataclasses.replace(config, reward=trainer_reward).validate(on_this_machine)
+
+
+def check_outputs(executor: run.Executor, config: C.MetaAPOConfig) -> None:
+    """Refuse a cluster job whose output_dir would not outlive it: relative (the job runs in NeMo-Run's
+    code folder) or, in a container, outside every mount (it would vanish with the container)."""
+    if not isinstance(executor, run.SlurmExecutor):
+        return
+    out = config.output_dir
+    if not os.path.isabs(out):
+        raise C.ConfigError(
+            f"output_dir={out} is relative: under Slurm the job runs in NeMo-Run's code folder; give an absolute "
+            "path on the shared filesystem, e.g. output_dir=/lustre/$USER/metaapo")
+    mounted = [m.split(":")[1] if ":" in m else m for m in executor.container_mounts or S.default_mounts(config)]
+    if executor.container_image and not any(S.is_under(out, dst) for dst in mounted):
+        raise C.ConfigError(
+            f"output_dir={out} is under none of the container mounts ({', '.join(mounted) or 'none'}): it would "
+            f"vanish with the container; mount its folder, e.g. \"run.executor.container_mounts=['{out}:{out}']\"")
+
+
+def check_reward(executor: run.Executor, config: C.MetaAPOConfig, reward: Optional[S.RewardGroup]) -> None:
+    """Refuse a cluster job whose ranks could not reach their reward server, or that would put its
+    token on a command line (every user of a node sees those)."""
+    if not isinstance(executor, run.SlurmExecutor):
+        return
+    if config.reward.token:
+        raise C.ConfigError("reward.token would be on the trainer's command line, which every user of a node can "
+                            "read: unset it and export METAAPO_REWARD_TOKEN before submitting (the job passes it "
+                            "by environment; with a reward group one is generated per job)")
+    if config.reward.url is None and reward is None and executor.nodes > 1:
+        raise C.ConfigError(f"run.executor.nodes={executor.nodes} without reward.url: a local reward server on rank 0's "
+                            "node is unreachable from the others; add a reward group (run.reward_nodes=K) or give "
+                            "reward.url=URL of a server every node reaches")
 
 
 def check_layout(executor: run.Executor, config: C.MetaAPOConfig) -> None:
@@ -160,8 +209,9 @@ def launch(ctx: run.cli.RunContext, task: run.Partial) -> None:
     # A dry run shows the plan even when it could not run yet, and says why (as `metaapo run --dryrun`).
     problems = []
     remote = isinstance(ctx.executor, run.SlurmExecutor)
-    checks = (functools.partial(check_config, config, reward, not remote), functools.partial(check_layout, ctx.executor, config),
-              functools.partial(check_submission, ctx.executor))
+    checks = (functools.partial(check_config, config, reward, not remote),
+              functools.partial(check_layout, ctx.executor, config), functools.partial(check_outputs, ctx.executor, config),
+              functools.partial(check_reward, ctx.executor, config, reward), functools.partial(check_submission, ctx.executor))
     for check in checks:
         try:
             check()

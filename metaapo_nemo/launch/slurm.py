@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import os
 import shlex
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
 import nemo_run as run
@@ -34,6 +37,18 @@ from metaapo_nemo import config as C
 
 REWARD_URL_ENV = "METAAPO_REWARD_URL"
 RDZV_HOST_ENV = "METAAPO_RDZV_HOST"
+TOKEN_ENV = "METAAPO_REWARD_TOKEN"
+# Slurm's warning before the time limit (`--signal=USR1@300`) and the trainer's matching setting: five
+# minutes for every rank to reach an optimiser-step boundary and write a checkpoint.
+SLURM_SIGNAL, CHECKPOINT_SIGNAL = "USR1@300", "SIGUSR1"
+# As NeMo 2.0's NeMo-Run executors set them (DEFAULT_ENV_VARS of its llm recipe examples), plus NCCL
+# errors raised as exceptions (a dead peer ends the job instead of hanging it) and no hub downloads
+# from compute nodes: every input is a local path.
+CLUSTER_ENV = {"TORCH_NCCL_AVOID_RECORD_STREAMS": "1", "NCCL_NVLS_ENABLE": "0", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               # srun does not take sbatch's --cpus-per-task from Slurm 22.05 on: without this the one
+               # task per node (torchrun and all its ranks) would get one CPU.
+               "SRUN_CPUS_PER_TASK": "$SLURM_CPUS_PER_TASK"}
 RDZV_PORT = 29500
 TRAINER_GROUP, REWARD_GROUP = 0, 1
 TASK_NAME = "train"  # job names: metaapo-train (one group), metaapo-train-0 / -1 (het groups)
@@ -86,23 +101,46 @@ def _literal(value: Any) -> str:
     return repr(value)
 
 
-def trainer_script(config: C.MetaAPOConfig, recipe: str, *, nodes: int, nproc_per_node: int) -> str:
+def trainer_script(config: C.MetaAPOConfig, recipe: str, *, nodes: int, nproc_per_node: int,
+                   reward_group: bool = True) -> str:
     """The trainer group's shell script: torchrun over `nodes` x `nproc_per_node` ranks running
-    `metaapo run`, pointed at the reward group through $METAAPO_REWARD_URL."""
-    # The reward model's settings go to the server group; the trainer only talks to it.
-    overrides = [shlex.quote(o) for o in config_overrides(config, recipe)
-                 if not o.startswith(("reward.url=", "reward.reward_fn=", "reward.model_dir="))]
-    overrides += ["reward.reward_fn=None", "reward.model_dir=None", f'"reward.url=${{{REWARD_URL_ENV}}}"']
+    `metaapo run`, checkpointing on Slurm's USR1; with `reward_group`, pointed at it through $METAAPO_REWARD_URL.
+
+    The token never appears here: the trainer reads $METAAPO_REWARD_TOKEN (exported by the sbatch script)."""
+    moved = ("reward.token=", "trainer.checkpoint_signal=")
+    if reward_group:  # the reward model's settings go to the server group; the trainer only talks to it
+        moved += ("reward.url=", "reward.reward_fn=", "reward.model_dir=")
+    overrides = [shlex.quote(o) for o in config_overrides(config, recipe) if not o.startswith(moved)]
+    overrides.append(f"trainer.checkpoint_signal={CHECKPOINT_SIGNAL}")
+    if reward_group:
+        overrides += ["reward.reward_fn=None", "reward.model_dir=None", f'"reward.url=${{{REWARD_URL_ENV}}}"']
+    log_dir = f'{shlex.quote(config.output_dir)}/logs/"job-${{SLURM_JOB_ID}}-$(hostname)"'
     lines = [
         f"# MetaAPO trainer (het group {TRAINER_GROUP}): one torchrun agent per node, {nproc_per_node} ranks each.",
-        f"# {RDZV_HOST_ENV} and {REWARD_URL_ENV} are exported by the sbatch script.",
+        f"# {RDZV_HOST_ENV} (the first trainer node's address) is exported by the sbatch script.",
         "set -euo pipefail",
+        "# Slurm's --signal reaches every process of the step, torchrun too, whose default action for USR1",
+        "# is to die and take its ranks with it. An ignored signal stays ignored across exec, so torchrun",
+        "# lives on; each rank installs its own handler (trainer.checkpoint_signal).",
+        "trap '' USR1",
+        "# Each rank's output in its own file under output_dir/logs, and on the job's log (--tee 3).",
         f"exec torchrun --nnodes={nodes} --nproc-per-node={nproc_per_node} --rdzv-backend=c10d \\",
         f'    --rdzv-endpoint="${{{RDZV_HOST_ENV}}}:{RDZV_PORT}" --rdzv-id="${{SLURM_JOB_ID}}" \\',
+        f"    --log-dir={log_dir} --redirects=3 --tee=3 \\",
         f"    -m metaapo_nemo run --recipe {shlex.quote(recipe)} \\",
     ]
     lines += [f"    {o} \\" for o in overrides[:-1]] + [f"    {overrides[-1]}", ""]
     return "\n".join(lines)
+
+
+def reward_server_script(reward: C.RewardConfig, port: int) -> str:
+    """The reward group's shell script: `metaapo serve-reward`, alive through Slurm's USR1 (it is no rank)."""
+    args = " ".join(shlex.quote(a) for a in reward_server_args(reward, port))
+    return "\n".join([
+        "# Slurm's time-limit USR1 reaches this step too; the server ends when the trainer does, not then.",
+        "trap '' USR1",
+        f"exec python -m metaapo_nemo {args}",
+        ""])
 
 
 def reward_server_args(reward: C.RewardConfig, port: int) -> list[str]:
@@ -114,10 +152,65 @@ def reward_server_args(reward: C.RewardConfig, port: int) -> list[str]:
         raise C.ConfigError("a reward group serves one reward model: set exactly one of reward.model_dir=DIR "
                             "or reward.reward_fn=MODULE:FUNCTION")
     source = ["--model", reward.model_dir] if reward.model_dir else ["--reward-fn", reward.reward_fn]
-    # 0.0.0.0: the trainer connects from other nodes (the server's own default is 127.0.0.1). Without
-    # reward.token anyone on the cluster network can call it: the server refuses that unless told.
-    no_token = [] if reward.token else ["--allow-no-token"]
-    return ["serve-reward", "--host", "0.0.0.0", "--port", str(port), *source, *no_token]
+    # 0.0.0.0: the trainer connects from other nodes. The server reads the job's token from
+    # $METAAPO_REWARD_TOKEN (job_setup), so it never listens without one.
+    return ["serve-reward", "--host", "0.0.0.0", "--port", str(port), *source]
+
+
+def job_setup(output_dir: str, reward_group: bool) -> str:
+    """Lines the sbatch script runs before its sruns: a per-job reward token, and the requeue rule.
+
+    The requeue rule: when the job ends non-zero, output_dir/summary.json says the run is unfinished,
+    and summary.json changed during this job (a checkpoint landed), the job is requeued and the rerun
+    resumes from that checkpoint. That covers Slurm's time-limit signal (every rank checkpoints, exits
+    75, torchrun reports 1) and a crash after progress; a run failing before its first checkpoint is
+    not requeued, so a broken setting fails once instead of looping. NeMo-Run's own rule (its
+    template: any failure while SLURM_RESTART_COUNT < retries) runs first; this one takes over after.
+    """
+    summary = shlex.quote(f"{output_dir}/summary.json")
+    lines = []
+    if reward_group:
+        lines += [
+            "# A token per job shared by both groups through the environment; off the log (set +x).",
+            "{ set +x; } 2>/dev/null",
+            f"export {TOKEN_ENV}=${{{TOKEN_ENV}:-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n')}}",
+            "set -x",
+        ]
+    lines += [
+        f"summary={summary}",
+        'summary_before=$(cksum 2>/dev/null < "$summary" || true)',
+        "requeue_if_checkpointed() {",
+        "    local status=$?",
+        '    if [ "$status" -ne 0 ] && [ "${TORCHX_MAX_RETRIES:-0}" -le "${SLURM_RESTART_COUNT:-0}" ] \\',
+        '        && [ "$(cksum 2>/dev/null < "$summary" || true)" != "$summary_before" ] \\',
+        """        && ! grep -Eq '"finished": *true' "$summary"; then""",
+        '        scontrol requeue "$SLURM_JOB_ID"',
+        "    fi",
+        "}",
+        "trap requeue_if_checkpointed EXIT",
+    ]
+    return "\n".join(lines)
+
+
+def default_mounts(config: C.MetaAPOConfig) -> list[str]:
+    """`SRC:SRC` for each folder the run reads or writes (output_dir, the models, the data, $HF_HOME),
+    a parent covering its children: the container sees the shared filesystem at the same paths."""
+    folders = [config.output_dir, config.policy.hf_path, config.reference.hf_path, config.reward.model_dir,
+               os.environ.get("HF_HOME")]
+    # A data file's folder (a save_to_disk folder is itself one); this machine may not see the paths.
+    folders += [d if Path(d).is_dir() else str(Path(d).parent) for d in (config.data.train, config.data.eval) if d]
+    folders = sorted({str(Path(f)) for f in folders if f and os.path.isabs(f)})
+    kept = [f for f in folders if not any(is_under(f, other) for other in folders if other != f)]
+    return [f"{f}:{f}" for f in kept]
+
+
+def is_under(path: str, folder: str) -> bool:
+    return Path(path).is_relative_to(folder)
+
+
+def job_name(output_dir: str) -> str:
+    """One name per output_dir: with --dependency=singleton, two jobs never write it at once."""
+    return f"metaapo-{hashlib.sha1(output_dir.encode()).hexdigest()[:8]}"
 
 
 def reward_url_export(port: int) -> str:
@@ -126,9 +219,10 @@ def reward_url_export(port: int) -> str:
             f"| sed 's|.*|http://&:{port}|' | paste -sd, -)")
 
 
-def rdzv_host_export() -> str:
-    """Shell text giving the first trainer node: torchrun's rendezvous host, never a reward node."""
-    return f'$(scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_{TRAINER_GROUP}" | head -n1)'
+def rdzv_host_export(nodelist: str = f"$SLURM_JOB_NODELIST_HET_GROUP_{TRAINER_GROUP}") -> str:
+    """Shell text giving the first trainer node's IP address: torchrun's rendezvous host, never a
+    reward node. An address, not a name: a node's short name may not resolve from the others."""
+    return f'$(getent hosts "$(scontrol show hostnames "{nodelist}" | head -n1)" | awk \'{{print $1; exit}}\')'
 
 
 @contextlib.contextmanager
@@ -142,16 +236,20 @@ def build_experiment(
 ) -> Iterator[run.Experiment]:
     """The MetaAPO job as an entered run.Experiment: `with build_experiment(...) as exp: exp.dryrun()`.
 
-    With `reward`, a two-group het job (trainer, reward server) on a SlurmExecutor; without, one task:
-    the `nemo llm metaapo` entry point under the executor's own launcher (torchrun). `executor`
-    describes the trainer: nodes, gpus_per_node (one rank per GPU), container image and mounts,
-    account, partition, time (executors.slurm makes one). `recipe` is the base the het trainer's
-    `metaapo run --recipe` starts from; any recipe reproduces `config`, only the override list's
-    length differs. NeMo-Run adds jobs only inside the experiment's context, hence a context manager.
+    On a SlurmExecutor: the trainer script (torchrun, trainer_script) as one group, and with `reward`
+    the reward server as a second het group. On a LocalExecutor: one task, the `nemo llm metaapo`
+    entry point under the executor's own launcher (torchrun). `executor` describes the trainer:
+    nodes, gpus_per_node (one rank per GPU), container image and mounts, account, partition, time
+    (executors.slurm makes one). `recipe` is the base the trainer's `metaapo run --recipe` starts
+    from; any recipe reproduces `config`, only the override list's length differs. NeMo-Run adds jobs
+    only inside the experiment's context, hence a context manager.
     """
     task = config if isinstance(config, run.Partial) else None
     config = config_from_partial(config) if task is not None else config
-    if reward is None:
+    if not isinstance(executor, run.SlurmExecutor):
+        if reward is not None:
+            raise C.ConfigError("a reward group needs the slurm executor (run.executor=slurm), "
+                                f"got {type(executor).__name__}")
         if task is None:
             from metaapo_nemo.launch.nemo_cli import to_partial
 
@@ -161,31 +259,43 @@ def build_experiment(
             yield experiment
         return
 
-    if not isinstance(executor, run.SlurmExecutor):
-        raise C.ConfigError("a reward group needs the slurm executor (run.executor=slurm), "
-                            f"got {type(executor).__name__}")
-    serve_args = reward_server_args(config.reward, reward.port)
     nproc = executor.gpus_per_node or executor.ntasks_per_node
+    trainer_ex = _trainer_executor(executor, config, reward)
+    tasks, executors_ = [run.Script(inline=trainer_script(config, recipe, nodes=executor.nodes, nproc_per_node=nproc,
+                                                          reward_group=reward is not None))], [trainer_ex]
+    if reward is not None:
+        tasks.append(run.Script(inline=reward_server_script(config.reward, reward.port)))
+        executors_.append(_reward_executor(executor, reward, trainer_ex.container_mounts))
+    with run.Experiment(name, executor=trainer_ex) as experiment:
+        experiment.add(tasks if reward else tasks[0], executor=executors_ if reward else trainer_ex, name=TASK_NAME,
+                       tail_logs=True)
+        yield experiment
 
+
+def _trainer_executor(executor: run.SlurmExecutor, config: C.MetaAPOConfig,
+                      reward: Optional[RewardGroup]) -> run.SlurmExecutor:
     trainer_ex = executor.clone()
     trainer_ex.launcher = None  # the script runs torchrun itself (module docstring)
     trainer_ex.ntasks_per_node, trainer_ex.torchrun_nproc_per_node = 1, None  # one torchrun agent per node
-    trainer_ex.heterogeneous = True
-    trainer_ex.env_vars = {**executor.env_vars, RDZV_HOST_ENV: rdzv_host_export(),
-                           REWARD_URL_ENV: reward_url_export(reward.port)}
+    trainer_ex.heterogeneous = reward is not None
+    nodelist = f"$SLURM_JOB_NODELIST_HET_GROUP_{TRAINER_GROUP}" if reward else "$SLURM_JOB_NODELIST"
+    trainer_ex.env_vars = {**CLUSTER_ENV, **executor.env_vars, RDZV_HOST_ENV: rdzv_host_export(nodelist)}
+    if reward is not None:
+        trainer_ex.env_vars[REWARD_URL_ENV] = reward_url_export(reward.port)
+    trainer_ex.container_mounts = executor.container_mounts or default_mounts(config)
+    trainer_ex.job_details.job_name = job_name(config.output_dir)
+    trainer_ex.additional_parameters = {**(executor.additional_parameters or {}), "dependency": "singleton"}
+    trainer_ex.setup_lines = "\n".join(filter(None, [executor.setup_lines, job_setup(config.output_dir, bool(reward))]))
+    return trainer_ex
 
+
+def _reward_executor(executor: run.SlurmExecutor, reward: RewardGroup, mounts: list[str]) -> run.SlurmExecutor:
     reward_ex = executor.clone()
+    reward_ex.container_mounts = mounts
     reward_ex.launcher = None
     reward_ex.nodes, reward_ex.ntasks_per_node = reward.nodes, 1
     reward_ex.gpus_per_node, reward_ex.gpus_per_task = reward.gpus_per_node, None
     reward_ex.torchrun_nproc_per_node = None
     reward_ex.container_image = reward.container_image or executor.container_image
-    reward_ex.env_vars = dict(executor.env_vars)
-    if config.reward.token:  # the server reads its token from the environment, not the command line
-        reward_ex.env_vars["METAAPO_REWARD_TOKEN"] = config.reward.token
-
-    trainer_task = run.Script(inline=trainer_script(config, recipe, nodes=executor.nodes, nproc_per_node=nproc))
-    reward_task = run.Script(path="metaapo_nemo", m=True, entrypoint="python", args=serve_args)
-    with run.Experiment(name, executor=trainer_ex) as experiment:
-        experiment.add([trainer_task, reward_task], executor=[trainer_ex, reward_ex], name=TASK_NAME, tail_logs=True)
-        yield experiment
+    reward_ex.env_vars = {**CLUSTER_ENV, **executor.env_vars}
+    return reward_ex

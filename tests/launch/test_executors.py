@@ -93,26 +93,45 @@ def test_local_torchrun_renders_torchrun_with_two_ranks_one_thread_each_running_
     assert shipped == config  # every rank builds the run from this serialised task
 
 
-def test_slurm_single_group_sbatch_has_nodes_srun_torchrun_image_and_mounts(tmp_path):
+def test_slurm_single_group_sbatch_runs_the_trainer_script_with_nodes_image_and_mounts(tmp_path):
     plan = _plan(_llama(), _slurm(tmp_path))
-    [(title, sbatch)] = plan
+    [(title, sbatch), (script_name, script)] = plan
     flags = dict(re.findall(r"^#SBATCH --([\w-]+)=?(.*)$", sbatch, re.M))
     assert (flags["nodes"], flags["gpus-per-node"], flags["ntasks-per-node"]) == ("2", "8", "1")  # 1 torchrun per node
     assert (flags["account"], flags["partition"], flags["time"]) == ("acct", "batch", "04:00:00")
-    assert "exclusive" in flags and "#SBATCH hetjob" not in sbatch
+    assert (flags["signal"], flags["mem"], flags["dependency"]) == ("USR1@300", "0", "singleton")
+    assert "exclusive" in flags and "requeue" in flags and "#SBATCH hetjob" not in sbatch
     [srun] = [line for line in sbatch.splitlines() if line.startswith("srun ")]
     argv = srun.split()
     assert argv[argv.index("--container-image") + 1] == IMAGE
     mounts = argv[argv.index("--container-mounts") + 1].split(",")
     assert mounts[0] == "/lustre:/lustre" and mounts[1].endswith(":/nemo_run")
-    torchrun = argv[argv.index("torchrun"):]
-    assert torchrun[torchrun.index("--nnodes") + 1] == "2" and torchrun[torchrun.index("--nproc-per-node") + 1] == "8"
-    assert torchrun[torchrun.index("--rdzv-backend") + 1] == "c10d"
-    assert torchrun[torchrun.index("--rdzv-endpoint") + 1] == "$head_node_ip:29500"
-    assert torchrun[torchrun.index("--node-rank") + 1] == "$SLURM_NODEID"
-    script = tmp_path / "job.sbatch"
-    script.write_text(sbatch)
-    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    assert argv[-2:] == ["bash", f"/nemo_run/scripts/{script_name.rsplit('/', 1)[1]}"]
+    assert 'getent hosts "$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"' in sbatch  # rdzv by address
+    assert "exec torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d" in script
+    assert "reward.url=http://rm:5000" in script and "trainer.checkpoint_signal=SIGUSR1" in script
+    job = tmp_path / "job.sbatch"
+    job.write_text(sbatch)
+    assert subprocess.run(["bash", "-n", str(job)]).returncode == 0
+
+
+def test_a_slurm_output_dir_must_be_absolute_and_mounted_and_mounts_default_to_the_runs_folders(tmp_path, monkeypatch):
+    config = _llama()
+    with pytest.raises(C.ConfigError, match="output_dir=results/llama31_8b is relative: under Slurm .* "
+                                            "e.g. output_dir=/lustre/\\$USER/metaapo"):
+        executors.check_outputs(_slurm(tmp_path), config)
+    config.output_dir = "/scratch/me/run"
+    with pytest.raises(C.ConfigError, match="under none of the container mounts \\(/lustre\\)"):
+        executors.check_outputs(_slurm(tmp_path), config)
+    executors.check_outputs(_slurm(tmp_path, container_image=None), config)  # no container: the host's filesystem
+    executors.check_outputs(_slurm(tmp_path, container_mounts=[]), config)  # the default mounts cover it
+    monkeypatch.setenv("HF_HOME", "/lustre/hf")
+    assert slurm.default_mounts(config) == ["/lustre/d:/lustre/d", "/lustre/hf:/lustre/hf",
+                                            "/lustre/models/tulu:/lustre/models/tulu", "/scratch/me/run:/scratch/me/run"]
+    config.data.train = "/lustre/train.jsonl"  # its folder /lustre covers the others under it
+    assert slurm.default_mounts(config) == ["/lustre:/lustre", "/scratch/me/run:/scratch/me/run"]
+    [(_, sbatch), _] = _plan(config, _slurm(tmp_path, container_mounts=[]))
+    assert "--container-mounts /lustre:/lustre,/scratch/me/run:/scratch/me/run," in sbatch
 
 
 def test_layout_checks_name_the_keys_to_fix(tmp_path):
@@ -142,7 +161,7 @@ def test_an_invalid_plan_is_shown_with_notes_on_dryrun_and_refused_on_launch(tmp
                           container_image=executors.DEFAULT_CONTAINER_IMAGE)
     executors.launch(ctx, to_partial(_llama()))
     out = capsys.readouterr().out
-    assert "#SBATCH --gpus-per-node=4" in out and "--nproc-per-node 4" in out
+    assert "#SBATCH --gpus-per-node=4" in out and "--nproc-per-node=4" in out
     assert "note: this plan cannot run yet: 4 ranks (1 node(s) x 4) is not a multiple" in out
     assert "note: this plan cannot run yet: run.executor.container_image is the NGC base image" in out
     ctx.dryrun = False
@@ -176,8 +195,8 @@ def test_nemo_cli_slurm_dryrun_prints_the_sbatch_plan_and_submits_nothing(tmp_pa
     text = out.stdout
     assert "#SBATCH --nodes=2" in text and "#SBATCH --gpus-per-node=8" in text
     assert re.search(rf"srun .*--container-image {IMAGE} --container-mounts /lustre:/lustre,", text)
-    assert "torchrun --rdzv-backend c10d --rdzv-endpoint $head_node_ip:29500" in text
-    assert "--nnodes 2 --nproc-per-node 8" in text and "tensor_model_parallel_size=8" in text
+    assert "exec torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d" in text
+    assert '--rdzv-endpoint="${METAAPO_RDZV_HOST}:29500"' in text and "tensor_model_parallel_size=8" in text
     assert "Dry run for metaapo: nothing was submitted" in text
     assert not list(tmp_path.rglob("*_sbatch.sh"))  # the dry run's files are cleaned up
 
@@ -209,3 +228,16 @@ def test_dockerfile_builds_on_an_ngc_trtllm_image_keeps_its_torch_and_checks_imp
     imports = "import torch, megatron.core, nemo_run, metaapo_nemo.launch.nemo_cli, metaapo_nemo.algorithm.metaapo"
     assert imports in install
     assert 'python -c "import tensorrt_llm;' in install
+
+
+def test_a_slurm_job_refuses_a_token_on_the_command_line_and_a_local_reward_server_across_nodes(tmp_path):
+    executor, config = _slurm(tmp_path), _llama()
+    executors.check_reward(executor, config, None)  # a remote server every node reaches, no token in the config
+    config.reward.token = "s3cret"
+    with pytest.raises(C.ConfigError, match="unset it and export METAAPO_REWARD_TOKEN before submitting"):
+        executors.check_reward(executor, config, None)
+    config.reward.token, config.reward.url, config.reward.reward_fn = None, None, "m:f"
+    with pytest.raises(C.ConfigError, match="run.executor.nodes=2 without reward.url: a local reward server"):
+        executors.check_reward(executor, config, None)
+    executors.check_reward(executor, config, slurm.RewardGroup(nodes=1, gpus_per_node=1, port=5000))
+    executors.check_reward(_slurm(tmp_path, nodes=1), config, None)  # one node: rank 0's loopback serves all
