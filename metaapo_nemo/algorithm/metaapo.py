@@ -47,6 +47,9 @@ class TrainingDiverged(ConfigError):
     (the learning rate, the data), so it ends the run with one line, like a bad config key."""
 
 
+# Written to output_dir after the checkpoint trainer.checkpoint_signal asked for: the run wants to be
+# run again (a Slurm job script requeues itself when it finds it); the next run removes it.
+REQUEUE_MARKER = "requeue"
 CHECKPOINT_NAME = re.compile(r"iter_\d+(_annotated|_step_\d+)?")
 
 
@@ -155,6 +158,8 @@ class MetaAPORun:
         self.console = Console(enabled=self.rank0)
         self.out.mkdir(parents=True, exist_ok=True)
         self._lock_output_dir()
+        if self.rank0:  # left by the run that asked for this one
+            (self.out / REQUEUE_MARKER).unlink(missing_ok=True)
         self.metrics = MetricsWriter(self.out / "metrics.jsonl", enabled=self.rank0)
         self.state = RunState()
         self._last_checkpoint = None  # the newest complete checkpoint, kept when the next one is written
@@ -750,6 +755,8 @@ class MetaAPORun:
         self._last_checkpoint = name
         barrier()
         if self._checkpoint_requested():
+            if self.rank0:  # what a Slurm job script reads to requeue itself (launch/slurm.py)
+                _atomic_write(self.out / REQUEUE_MARKER, f"{name}\n")
             sig = self.config.trainer.checkpoint_signal
             self.console.log(f"{sig}: checkpointed to {directory}; exiting with status {stopping.EXIT_REQUEUE} for a "
                              "requeue. Run the same command to resume.")

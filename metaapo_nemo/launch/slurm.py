@@ -9,7 +9,7 @@ the sbatch script resolves it, outside the container where `scontrol` exists, fr
 `$SLURM_JOB_NODELIST_HET_GROUP_1` (`scontrol show hostnames`, one URL per reward node, joined by
 commas: the reward client spreads its batches over several servers) and exports it as
 `METAAPO_REWARD_URL`; the trainer's command passes `reward.url="$METAAPO_REWARD_URL"`. The trainer
-waits for `/health` on every URL (`reward.timeout_s`) before its first request, so the reward group
+waits for `/health` on every URL (`reward.startup_timeout_s`) before its first request, so the reward group
 may start later or load its model for a while.
 
 Why the trainer group is a script calling torchrun itself rather than NeMo-Run's torchrun launcher:
@@ -160,14 +160,14 @@ def reward_server_args(reward: C.RewardConfig, port: int) -> list[str]:
 def job_setup(output_dir: str, reward_group: bool) -> str:
     """Lines the sbatch script runs before its sruns: a per-job reward token, and the requeue rule.
 
-    The requeue rule: when the job ends non-zero, output_dir/summary.json says the run is unfinished,
-    and summary.json changed during this job (a checkpoint landed), the job is requeued and the rerun
-    resumes from that checkpoint. That covers Slurm's time-limit signal (every rank checkpoints, exits
-    75, torchrun reports 1) and a crash after progress; a run failing before its first checkpoint is
-    not requeued, so a broken setting fails once instead of looping. NeMo-Run's own rule (its
-    template: any failure while SLURM_RESTART_COUNT < retries) runs first; this one takes over after.
+    The requeue rule: the job is requeued when the run asked for it, by leaving output_dir/requeue
+    after the checkpoint that Slurm's time-limit signal (trainer.checkpoint_signal) made every rank
+    take; the rerun resumes from that checkpoint and removes the file. A crash, a user's error or a
+    scancel leave no such file and are not requeued here: failures are NeMo-Run's retries' to
+    repeat (its template requeues any failure while SLURM_RESTART_COUNT < retries), and this rule
+    acts only once those are spent, so the two never requeue the same ending.
     """
-    summary = shlex.quote(f"{output_dir}/summary.json")
+    marker = shlex.quote(f"{output_dir}/requeue")
     lines = []
     if reward_group:
         lines += [
@@ -177,17 +177,13 @@ def job_setup(output_dir: str, reward_group: bool) -> str:
             "set -x",
         ]
     lines += [
-        f"summary={summary}",
-        'summary_before=$(cksum 2>/dev/null < "$summary" || true)',
-        "requeue_if_checkpointed() {",
-        "    local status=$?",
-        '    if [ "$status" -ne 0 ] && [ "${TORCHX_MAX_RETRIES:-0}" -le "${SLURM_RESTART_COUNT:-0}" ] \\',
-        '        && [ "$(cksum 2>/dev/null < "$summary" || true)" != "$summary_before" ] \\',
-        """        && ! grep -Eq '"finished": *true' "$summary"; then""",
+        f"requeue_marker={marker}",
+        "requeue_if_asked() {",
+        '    if [ "${TORCHX_MAX_RETRIES:-0}" -le "${SLURM_RESTART_COUNT:-0}" ] && [ -f "$requeue_marker" ]; then',
         '        scontrol requeue "$SLURM_JOB_ID"',
         "    fi",
         "}",
-        "trap requeue_if_checkpointed EXIT",
+        "trap requeue_if_asked EXIT",
     ]
     return "\n".join(lines)
 

@@ -60,10 +60,10 @@ import json, os, pathlib, signal, sys
 with open(os.environ["STUB_LOG"], "a") as log:
     log.write(json.dumps({"prog": "torchrun", "argv": sys.argv[1:], "token": os.environ.get("METAAPO_REWARD_TOKEN"),
                           "usr1_ignored": signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN}) + "\\n")
-if "STUB_FINISHED" in os.environ:  # the run's summary, as a checkpoint (false) or the end (true) writes it
+if "STUB_REQUEUE" in os.environ:  # the run checkpointed on the time-limit signal and asks to be run again
     [out] = [a.split("=", 1)[1] for a in sys.argv if a.startswith("output_dir=")]
     pathlib.Path(out).mkdir(parents=True, exist_ok=True)
-    (pathlib.Path(out) / "summary.json").write_text(json.dumps({"finished": os.environ["STUB_FINISHED"] == "true"}, indent=2))
+    (pathlib.Path(out) / "requeue").write_text("iter_1_step_7\\n")
 sys.exit(int(os.environ.get("STUB_TRAINER_EXIT", "0")))
 """
 PYTHON = """
@@ -225,20 +225,21 @@ def test_a_het_job_without_a_token_generates_one_per_job_for_both_groups(tmp_pat
     assert tokens["python"] not in done.stdout + done.stderr
 
 
-def test_a_job_that_checkpointed_unfinished_is_requeued_and_a_finished_one_is_not(tmp_path):
+def test_a_job_whose_run_asks_for_a_requeue_is_requeued_and_a_failed_or_finished_one_is_not(tmp_path):
     config = _config(model_dir="/lustre/models/rm")
     config.output_dir = str(tmp_path / "run")
     _, path, job_dir = _het_job(tmp_path, config)
     # Past NeMo-Run's retries, so only the checkpoint rule can requeue.
-    runs = {"checkpointed": dict(STUB_FINISHED="false", STUB_TRAINER_EXIT="1"),
-            "failed before a checkpoint": dict(STUB_TRAINER_EXIT="1"),
-            "finished": dict(STUB_FINISHED="true")}
+    runs = {"checkpointed": dict(STUB_REQUEUE="1", STUB_TRAINER_EXIT="1"),
+            "failed": dict(STUB_TRAINER_EXIT="1"),
+            "finished": dict()}
     requeues = {}
     for what, env in runs.items():
         done, calls = _run_with_stand_ins(path, tmp_path, STUB_NEMO_RUN=str(job_dir), SLURM_RESTART_COUNT="3", **env)
         requeues[what] = [c["argv"] for c in calls if c["prog"] == "scontrol"]
         assert done.returncode == int(env.get("STUB_TRAINER_EXIT", 0)), done.stderr[-3000:]
-    assert requeues == {"checkpointed": [["requeue", "4242"]], "failed before a checkpoint": [], "finished": []}
+        (tmp_path / "run" / "requeue").unlink(missing_ok=True)  # as the rerun removes it
+    assert requeues == {"checkpointed": [["requeue", "4242"]], "failed": [], "finished": []}
 
 
 def test_reward_group_needs_one_model_source_no_url_and_the_slurm_executor(tmp_path):
@@ -286,15 +287,16 @@ def test_plain_sbatch_runs_both_groups_in_the_container_and_returns_the_trainer_
     assert not [c for c in calls if c["prog"] == "scontrol"]  # it failed before any checkpoint
 
 
-def test_plain_sbatch_requeues_a_run_that_checkpointed_unfinished_and_not_a_finished_one(tmp_path):
+def test_plain_sbatch_requeues_a_run_that_asks_for_it_and_not_a_failed_or_finished_one(tmp_path):
     script = ROOT / "launcher_configs" / "metaapo.sbatch"
     env = dict(IMAGE=IMAGE, REWARD_MODEL="/lustre/models/rm", OUTPUT_DIR=str(tmp_path / "run"))
     requeues = []
-    for run_env in (dict(STUB_FINISHED="false", STUB_TRAINER_EXIT="1"), dict(STUB_FINISHED="true")):
+    for run_env in (dict(STUB_REQUEUE="1", STUB_TRAINER_EXIT="1"), dict(STUB_TRAINER_EXIT="1"), dict()):
         done, calls = _run_with_stand_ins(script, tmp_path, **env, **run_env)
         assert done.returncode == int(run_env.get("STUB_TRAINER_EXIT", 0)), done.stderr[-3000:]
         requeues.append([c["argv"] for c in calls if c["prog"] == "scontrol"])
-    assert requeues == [[["requeue", "4242"]], []]
+        (tmp_path / "run" / "requeue").unlink(missing_ok=True)
+    assert requeues == [[["requeue", "4242"]], [], []]
 
 
 def test_launcher_configs_parse_and_the_python_api_dry_runs_a_het_job(tmp_path, capsys):

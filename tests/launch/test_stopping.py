@@ -257,6 +257,7 @@ def test_the_checkpoint_signal_to_one_rank_checkpoints_every_rank_at_a_step_and_
     latest = (out / "checkpoints" / "latest").read_text()
     assert re.fullmatch(r"iter_1_step_\d+", latest), latest
     stopped_at = int(latest.rsplit("_", 1)[1])
+    assert (out / "requeue").read_text() == latest + "\n"  # what a Slurm job script requeues itself on
     assert not _wait_for_gone(run.marker, time.monotonic() + STOP_BOUND_S)
 
     again = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT,
@@ -268,3 +269,4 @@ def test_the_checkpoint_signal_to_one_rank_checkpoints_every_rank_at_a_step_and_
              if json.loads(line)["event"] == "train_step"]
     assert summary["finished"] and steps == list(range(1, summary["optimizer_steps"] + 1))
     assert 0 < stopped_at < summary["optimizer_steps"]
+    assert not (out / "requeue").exists()
