@@ -28,7 +28,8 @@ def main(argv=None) -> int:
     parser.add_argument("--time", default="04:00:00", help="wall time; the run resumes when resubmitted")
     parser.add_argument("--image", default=executors.DEFAULT_CONTAINER_IMAGE,
                         help="the image built from containers/Dockerfile (.sqsh path or registry path)")
-    parser.add_argument("--mounts", nargs="*", default=["/lustre:/lustre"], help="container mounts SRC:DST")
+    parser.add_argument("--mounts", nargs="*", default=None,
+                        help="container mounts SRC:DST (default: the folders of output_dir, the models, the data and $HF_HOME)")
     parser.add_argument("--job-dir", default="", help="NeMo-Run job files; must be visible to the compute nodes")
     parser.add_argument("--ssh-host", default=None, help="submit through SSH to this login node")
     parser.add_argument("--reward-nodes", type=int, default=0, help="nodes of a reward-server het group (0: none)")

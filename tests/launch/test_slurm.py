@@ -56,7 +56,11 @@ if words[:2] == ["show", "hostnames"]:
     print("\\n".join(words[2].split(",")))
 """
 TORCHRUN = """
-import json, os, pathlib, signal, sys
+import json, os, pathlib, signal, sys, time
+deadline = time.time() + 30  # a reward server started in the background logs its start first
+while os.environ.get("STUB_AWAIT_SERVER") and '"prog": "python"' not in pathlib.Path(os.environ["STUB_LOG"]).read_text():
+    assert time.time() < deadline, "the reward server stand-in never started"
+    time.sleep(0.05)
 with open(os.environ["STUB_LOG"], "a") as log:
     log.write(json.dumps({"prog": "torchrun", "argv": sys.argv[1:], "token": os.environ.get("METAAPO_REWARD_TOKEN"),
                           "usr1_ignored": signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN}) + "\\n")
@@ -189,7 +193,8 @@ def test_het_sbatch_run_starts_torchrun_on_the_trainer_nodes_pointed_at_every_re
     config = _config(model_dir="/lustre/models/rm", token="s3cret")
     sbatch, path, job_dir = _het_job(tmp_path, config)
     assert "s3cret" not in sbatch + "".join(p.read_text() for p in job_dir.rglob("*.sh"))
-    done, calls = _run_with_stand_ins(path, tmp_path, STUB_NEMO_RUN=str(job_dir), METAAPO_REWARD_TOKEN="s3cret")
+    done, calls = _run_with_stand_ins(path, tmp_path, STUB_NEMO_RUN=str(job_dir), METAAPO_REWARD_TOKEN="s3cret",
+                                      STUB_AWAIT_SERVER="1")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "s3cret" not in done.stdout + done.stderr  # not echoed by the script's set -x
     groups = {c["opts"].get("--het-group"): c for c in calls if c["prog"] == "srun" and "--het-group" in c["opts"]}
@@ -266,7 +271,8 @@ def test_plain_sbatch_runs_both_groups_in_the_container_and_returns_the_trainer_
     assert "#SBATCH --requeue\n" in trainer and "#SBATCH --dependency=singleton\n" in trainer
 
     out = tmp_path / "run"
-    env = dict(IMAGE=IMAGE, REWARD_MODEL="/lustre/models/rm", OUTPUT_DIR=str(out), STUB_TRAINER_EXIT="3")
+    env = dict(IMAGE=IMAGE, REWARD_MODEL="/lustre/models/rm", OUTPUT_DIR=str(out), STUB_TRAINER_EXIT="3",
+               STUB_AWAIT_SERVER="1")
     done, calls = _run_with_stand_ins(script, tmp_path, "policy.hf_path=/lustre/m", "algo.beta=0.2", **env)
     assert done.returncode == 3, done.stderr[-3000:]  # the trainer's status; the server was stopped
     groups = {c["opts"]["--het-group"]: c for c in calls if c["prog"] == "srun"}
