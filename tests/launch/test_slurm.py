@@ -271,13 +271,14 @@ def test_plain_sbatch_runs_both_groups_in_the_container_and_returns_the_trainer_
     assert "#SBATCH --requeue\n" in trainer and "#SBATCH --dependency=singleton\n" in trainer
 
     out = tmp_path / "run"
+    mounts = f"/lustre:/lustre,{tmp_path}:{tmp_path}"
     env = dict(IMAGE=IMAGE, REWARD_MODEL="/lustre/models/rm", OUTPUT_DIR=str(out), STUB_TRAINER_EXIT="3",
-               STUB_AWAIT_SERVER="1")
+               STUB_AWAIT_SERVER="1", MOUNTS=mounts)
     done, calls = _run_with_stand_ins(script, tmp_path, "policy.hf_path=/lustre/m", "algo.beta=0.2", **env)
     assert done.returncode == 3, done.stderr[-3000:]  # the trainer's status; the server was stopped
     groups = {c["opts"]["--het-group"]: c for c in calls if c["prog"] == "srun"}
     for group in groups.values():
-        assert group["opts"]["--container-image"] == IMAGE and group["opts"]["--container-mounts"] == "/lustre:/lustre"
+        assert group["opts"]["--container-image"] == IMAGE and group["opts"]["--container-mounts"] == mounts
     [server] = [c for c in calls if c["prog"] == "python"]
     assert server["argv"] == ["-m", "metaapo_nemo", "serve-reward", "--host", "0.0.0.0", "--port", "5242",
                               "--model", "/lustre/models/rm"]  # 5000 + job id % 1000
@@ -295,7 +296,8 @@ def test_plain_sbatch_runs_both_groups_in_the_container_and_returns_the_trainer_
 
 def test_plain_sbatch_requeues_a_run_that_asks_for_it_and_not_a_failed_or_finished_one(tmp_path):
     script = ROOT / "launcher_configs" / "metaapo.sbatch"
-    env = dict(IMAGE=IMAGE, REWARD_MODEL="/lustre/models/rm", OUTPUT_DIR=str(tmp_path / "run"))
+    env = dict(IMAGE=IMAGE, REWARD_MODEL="/lustre/models/rm", OUTPUT_DIR=str(tmp_path / "run"),
+               MOUNTS=f"{tmp_path}:{tmp_path}")
     requeues = []
     for run_env in (dict(STUB_REQUEUE="1", STUB_TRAINER_EXIT="1"), dict(STUB_TRAINER_EXIT="1"), dict()):
         done, calls = _run_with_stand_ins(script, tmp_path, **env, **run_env)
@@ -351,3 +353,14 @@ def test_a_slurm_submission_leaves_the_tensorrt_llm_check_to_the_job():
     with pytest.raises(C.ConfigError, match="tensorrt_llm is not installed here"):
         executors.check_config(config, None)
     executors.check_config(config, None, on_this_machine=False)  # the job's container has it
+
+
+@pytest.mark.parametrize("output_dir, problem", [
+    ("runs/x", "error: OUTPUT_DIR=runs/x is relative: give an absolute path on the shared filesystem"),
+    ("/scratch/x", "error: OUTPUT_DIR=/scratch/x is under none of MOUNTS=/lustre:/lustre: add its folder to MOUNTS"),
+], ids=["relative", "unmounted"])
+def test_plain_sbatch_refuses_an_output_dir_that_would_not_outlive_the_job(tmp_path, output_dir, problem):
+    script = ROOT / "launcher_configs" / "metaapo.sbatch"
+    done, calls = _run_with_stand_ins(script, tmp_path, IMAGE=IMAGE, OUTPUT_DIR=output_dir, MOUNTS="/lustre:/lustre")
+    assert done.returncode == 2 and problem in done.stderr, done.stderr[-2000:]
+    assert not [c for c in calls if c["prog"] in ("srun", "torchrun")]
