@@ -174,10 +174,18 @@ class MetaAPOConfig:
         from metaapo_nemo.algorithm.strategies import resolve_strategy
 
         problems = []
+        strategy = None
         try:
-            resolve_strategy(self.algo.name, self.algo.loss)
+            strategy = resolve_strategy(self.algo.name, self.algo.loss)
         except ValueError as e:
             problems.append(f"algo.name/algo.loss: {e}")
+        if strategy is not None and strategy.objective == "cdpo" and self.algo.label_smoothing == 0:
+            problems.append("algo.label_smoothing=0.0: the cdpo loss needs its label noise in (0, 0.5), e.g. "
+                            "algo.label_smoothing=0.1 (at 0 it is plain DPO: use algo.name=dpo)")
+        if strategy is not None and strategy.sampling == "adpo" and self.algo.threshold <= 0:
+            problems.append(f"algo.threshold={self.algo.threshold}: adpo samples the pairs whose DPO loss is below "
+                            "it, and a DPO loss is never negative: give a loss, e.g. algo.threshold=0.6 "
+                            "(log 2 = 0.693 is the loss at a zero margin)")
         positive = {
             "algo.iterations": self.algo.iterations, "algo.num_samples": self.algo.num_samples,
             "algo.meta_interval": self.algo.meta_interval, "trainer.global_batch_size": self.trainer.global_batch_size,

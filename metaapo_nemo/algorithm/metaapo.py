@@ -42,6 +42,10 @@ from metaapo_nemo.metrics import Console, MetricsWriter
 from metaapo_nemo.reward.client import RewardServerError
 
 
+class NothingTrained(ConfigError):
+    """Every iteration ended without an optimiser step: the settings selected nothing to train."""
+
+
 class TrainingDiverged(ConfigError):
     """Too many optimiser steps with a NaN or inf loss or gradient: the user must change something
     (the learning rate, the data), so it ends the run with one line, like a bad config key."""
@@ -344,6 +348,11 @@ class MetaAPORun:
                 in_progress = None
                 s.iteration = t + 1
                 self._save_checkpoint(f"iter_{t + 1}")
+            if s.step == 0:  # a finished-looking run that changed nothing would mislead whoever reads it
+                raise NothingTrained(f"{c.algo.iterations} iteration(s) took no optimiser step (algo.name={c.algo.name}: "
+                                     f"{s.annotated} prompts annotated, {s.online_pairs} online pairs, "
+                                     f"{s.skipped_steps} steps skipped): the policy is unchanged. Check the "
+                                     "strategy's settings (algo.threshold, algo.keep_ties) and the data")
             self.policy_to_hf(self.out / "final")
             s.seconds["total"] = time.perf_counter() - run_started + s.seconds.get("total_before_resume", 0.0)
             summary = self._summary(finished=True)
@@ -405,15 +414,13 @@ class MetaAPORun:
         started = time.perf_counter()
         offline = [(e.prompt, e.chosen) for e in examples] + [(e.prompt, e.rejected) for e in examples]
         n = len(examples)
-        needs_score = strategy.sampling in ("meta", "threshold", "adpo")
-        trains_offline = strategy.weighting != "online_only" or strategy.train_unselected_offline
-        ref_off = self._reference_logps(offline) if needs_score or trains_offline else None
+        ref_off = self._reference_logps(offline) if strategy.needs_offline_score or strategy.trains_offline_pairs else None
         score_off = loss_off = w = None
-        if needs_score:
+        if strategy.needs_offline_score:
             pol, ntok = self.policy.score(offline)
             logps = PairLogps(pol[:n], pol[n:], *_split(ref_off, n), ntok[:n], ntok[n:])
             score_off, loss_off = self.objective.score(logps), self.objective.loss(logps)
-            w = offline_weight(strategy, self.meta, score_off) if strategy.weighting in ("meta", "fixed_sigmoid") else None
+            w = offline_weight(strategy, self.meta, score_off) if strategy.needs_offline_weight else None
         faults.point("scoring")
         s.seconds["scoring"] += time.perf_counter() - started
 
@@ -532,7 +539,7 @@ class MetaAPORun:
             self.policy.reset_schedule()
         ref_off, ref_on, n_online = it.ref_off, it.ref_on, sum(1 for item in items if item.on_slot is not None)
         pending_meta = []  # the step's meta-buffer pairs: buffered once the step is known to be finite
-        needs_offline = strategy.weighting != "online_only"
+        needs_offline = strategy.trains_offline_pairs
         n = len(examples)
         pad = self.tokenizer.pad_token_id
 

@@ -53,6 +53,23 @@ class Strategy:
         if self.meta_learner_trained and self.weighting == "fixed_sigmoid":
             raise ValueError("weighting='fixed_sigmoid' replaces h_phi: set meta_learner_trained=False")
 
+    # What the loop asks of a strategy, answered here so that a new row is one line of STRATEGIES.
+    @property
+    def needs_offline_score(self) -> bool:
+        """The sampling decision needs the policy's offline scores (l_off, L_off) of the slice."""
+        return self.sampling in ("meta", "threshold", "adpo")
+
+    @property
+    def needs_offline_weight(self) -> bool:
+        """w = offline_weight(...) at the decision: for u > w (meta sampling, whatever the Eq. 5
+        weighting: the uniform-weighting ablation still samples by h_phi), or to log it."""
+        return self.sampling == "meta" or self.weighting in ("meta", "fixed_sigmoid")
+
+    @property
+    def trains_offline_pairs(self) -> bool:
+        """Training batches carry the offline pairs (their loss has a non-zero weight somewhere)."""
+        return self.weighting != "online_only" or self.train_unselected_offline
+
 
 _METAAPO = Strategy(sampling="meta", weighting="meta", pairs="online", objective="dpo")
 _OFFLINE = Strategy(
