@@ -84,3 +84,16 @@ def test_nemo_local_torchrun_executor_runs_tiny_cpu_on_two_ranks(one_rank, cache
     assert _decisions(out) == _decisions(one_rank)
     assert summary["reward_per_iteration"] == pytest.approx(
         json.loads((one_rank / "summary.json").read_text())["reward_per_iteration"], abs=1e-6)
+
+
+def test_a_data_parallel_rank_without_items_adds_nothing_to_the_meta_buffer(cache, tmp_path):
+    import torch
+
+    # 9 prompts, every one with an online pair (all sampled, ties kept), in steps of 8: the second step
+    # holds one item, so rank 1 has none; it re-runs an item with weight 0 to join the all-reduce.
+    out = tmp_path / "out"
+    _run(out, cache, 2, "algo.iterations=1", "data.max_train_pairs=9", "algo.name=metaapo_all_sampling",
+         "algo.keep_ties=true", "algo.meta_interval=100")
+    saved = torch.load(out / "checkpoints" / "iter_1" / "run_state.pt", weights_only=True)
+    assert saved["run_state"]["online_pairs"] == 9
+    assert sum(buffer["score_off"].numel() for buffer in saved["meta_buffers"]) == 9  # Eq. 6 counts each pair once

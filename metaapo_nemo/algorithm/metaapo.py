@@ -36,7 +36,7 @@ from metaapo_nemo.algorithm.strategies import Strategy, loss_weights, offline_we
 from metaapo_nemo import faults, stopping
 from metaapo_nemo.config import ConfigError, MetaAPOConfig
 from metaapo_nemo.distributed import (
-    all_gather_objects, all_reduce_sum, barrier, broadcast_module, data_parallel_size, is_loss_rank, world_rank, world_size,
+    all_gather_objects, all_reduce_sum, barrier, data_parallel_rank, broadcast_module, data_parallel_size, is_loss_rank, world_rank, world_size,
 )
 from metaapo_nemo.metrics import Console, MetricsWriter
 from metaapo_nemo.reward.client import RewardServerError
@@ -604,8 +604,11 @@ class MetaAPORun:
                 if st.get("skipped"):
                     self._skipped_step(t, st)
                 else:
-                    for pairs in pending_meta:
-                        self.meta_buffer.add(*pairs)
+                    # A data-parallel rank without items of its own (train_step takes items[r::DP]) re-ran
+                    # one with weight 0 to join the all-reduce: its pairs are another rank's, already buffered.
+                    if data_parallel_rank() < len(batches[k]):
+                        for pairs in pending_meta:
+                            self.meta_buffer.add(*pairs)
                     s.train_tokens += int(st["tokens"])
                     s.step += 1
                     b, m = st["n"], max(1, st["n_online"])
