@@ -275,6 +275,11 @@ class ConfigError(ValueError):
     pass
 
 
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line: the entry points print a user's error as one line."""
+    return " ".join(str(error).split())
+
+
 def apply_overrides(config: Any, overrides: list[str]) -> None:
     """Apply `a.b=v` overrides (NeMo-Run syntax, plain assignment) to a dataclass tree in place."""
     for item in overrides:

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from metaapo_nemo.config import ConfigError, MetaAPOConfig
+from metaapo_nemo.config import ConfigError, MetaAPOConfig, one_line
 from metaapo_nemo.data.schema import EvalPrompt, PreferenceRecord, load_eval_prompts, load_preferences
 from metaapo_nemo.models.config import ModelConfig
 from metaapo_nemo.reward.models import load_reward_fn
@@ -93,7 +93,7 @@ def _convertible_config(folder: Path, key: str) -> ModelConfig:
     try:
         return model_config_from_hf(AutoConfig.from_pretrained(folder))
     except Exception as error:  # transformers raises ValueError, KeyError or TypeError on odd configs
-        raise ConfigError(f"{key}={folder}: {_one_line(error)}; give a Llama or Qwen2 checkpoint this project "
+        raise ConfigError(f"{key}={folder}: {one_line(error)}; give a Llama or Qwen2 checkpoint this project "
                           "converts") from error
 
 
@@ -133,7 +133,7 @@ def _checkpoint_config(path: str, key: str) -> tuple[Path, dict]:
     try:
         hf = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ConfigError(f"{key}={path}: config.json cannot be read as JSON ({_one_line(error)}); "
+        raise ConfigError(f"{key}={path}: config.json cannot be read as JSON ({one_line(error)}); "
                           "save the checkpoint again (model.save_pretrained)") from error
     if not isinstance(hf, dict):
         raise ConfigError(f"{key}={path}: config.json holds a {type(hf).__name__}, not a JSON object; "
@@ -162,7 +162,7 @@ def _index_shards(index: Path, key: str) -> list[str]:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         shards = sorted(set(weight_map.values()))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise ConfigError(f"{key}={index.parent}: {index.name} has no readable 'weight_map' ({_one_line(error)}); "
+        raise ConfigError(f"{key}={index.parent}: {index.name} has no readable 'weight_map' ({one_line(error)}); "
                           "download or save the checkpoint again") from error
     missing = [shard for shard in shards if not (index.parent / shard).is_file()]
     if missing:
@@ -229,10 +229,10 @@ def _check_reward_fn(spec: str) -> None:
     try:
         load_reward_fn(spec)
     except ValueError as error:  # the loader's messages name the reward server's flag
-        raise ConfigError(_one_line(error).replace("--reward-fn", "reward.reward_fn")) from error
+        raise ConfigError(one_line(error).replace("--reward-fn", "reward.reward_fn")) from error
     except Exception as error:  # the module's own code failed while importing
         raise ConfigError(f"reward.reward_fn={spec!r}: importing it raised {type(error).__name__}: "
-                          f"{_one_line(error)}; fix the module") from error
+                          f"{one_line(error)}; fix the module") from error
 
 
 def _check_enough_pairs(loaded: int, config: MetaAPOConfig) -> None:
@@ -244,5 +244,3 @@ def _check_enough_pairs(loaded: int, config: MetaAPOConfig) -> None:
                           f"algo.iterations={config.algo.iterations} slices; lower algo.iterations or give more pairs")
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())

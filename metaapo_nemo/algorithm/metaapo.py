@@ -244,8 +244,9 @@ class MetaAPORun:
         self.reward.wait_until_healthy(c.reward.startup_timeout_s)
         from metaapo_nemo.reward.ledger import RewardLedger
 
-        # Rewards are paid once: a resumed run (and a repeated sample) is answered from the ledger.
-        identity = c.reward.reward_fn or c.reward.model_dir or ",".join(urls)
+        # Rewards are paid once: a resumed run (and a repeated sample) is answered from the ledger,
+        # also when a requeued job's reward group comes back on other hosts and ports.
+        identity = c.reward.reward_fn or c.reward.model_dir or self.reward.reward_identity()
         self.ledger = RewardLedger(self.out / "rewards", world_rank(), self.reward, identity)
 
         n = len(self.examples)

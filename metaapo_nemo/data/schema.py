@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from metaapo_nemo.config import ConfigError
+from metaapo_nemo.config import ConfigError, one_line
 
 Messages = list[dict[str, str]]
 
@@ -93,10 +93,6 @@ class _LongInteger(Exception):
     """A JSON integer with more digits than MAX_INTEGER_DIGITS (raised from inside json.loads)."""
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
-
-
 def _show(value: Any, limit: int = 60) -> str:
     """A value's repr, cut to ``limit`` characters so one huge field cannot flood the message."""
     text = repr(value)
@@ -127,7 +123,7 @@ def _open(path: Path):
         return path.open("rb")
     except OSError as error:
         raise DataError(
-            f"{path}: cannot be read ({error.strerror or _one_line(error)}); check the file's permissions"
+            f"{path}: cannot be read ({error.strerror or one_line(error)}); check the file's permissions"
         ) from error
 
 
@@ -183,7 +179,7 @@ def _parquet_records(path: Path) -> Iterator[tuple[int, str, Any]]:
             rows = pyarrow.parquet.read_table(file).to_pylist()
         except (pyarrow.ArrowException, OSError) as error:
             raise DataError(
-                f"{path}: not a readable Parquet file ({_one_line(error)}); write it again "
+                f"{path}: not a readable Parquet file ({one_line(error)}); write it again "
                 "(e.g. pandas' to_parquet) or use JSON Lines"
             ) from error
     for index, row in enumerate(rows, start=1):
@@ -204,7 +200,7 @@ def _dataset_folder_records(path: Path) -> Iterator[tuple[int, str, Any]]:
         fix = (f"it holds Parquet files: point the path at one, e.g. {parquet}" if parquet
                else "give a .jsonl or .parquet file or a save_to_disk folder")
         raise DataError(
-            f"{path}: a folder, but not one written by datasets' save_to_disk ({_one_line(error)}); {fix}"
+            f"{path}: a folder, but not one written by datasets' save_to_disk ({one_line(error)}); {fix}"
         ) from error
     if isinstance(dataset, datasets.DatasetDict):
         if len(dataset) != 1:

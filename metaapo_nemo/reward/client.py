@@ -197,6 +197,17 @@ class RewardClient:
                 )
             time.sleep(0.2)
 
+    def reward_identity(self) -> str:
+        """What the servers score with, as their /health names it (``function M:F``, ``model DIR``);
+        their URLs when a server does not say (an OpenRLHF server) or they disagree."""
+        names = set()
+        for base in self.base_urls:
+            try:
+                names.add(self._http.get(f"{base}/health", timeout=min(self.timeout_s, 5.0)).json().get("reward"))
+            except (httpx.HTTPError, ValueError, AttributeError):
+                names.add(None)
+        return names.pop() if len(names) == 1 and None not in names else ",".join(self.base_urls)
+
     def _unhealthy(self) -> list[str]:
         unhealthy = []
         for base in self.base_urls:

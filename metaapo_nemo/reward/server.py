@@ -370,8 +370,11 @@ def create_app(
     max_batch_texts: int = DEFAULT_MAX_BATCH_TEXTS,
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
     max_queued_texts: int = DEFAULT_MAX_QUEUED_TEXTS,
+    source: str | None = None,
 ) -> FastAPI:
-    """The FastAPI application serving ``reward`` through one scoring thread that batches requests."""
+    """The FastAPI application serving ``reward`` through one scoring thread that batches requests.
+    ``source`` names the reward (``function M:F``, ``model DIR``) in /health: the identity under
+    which a run keeps the rewards it paid for, whatever host and port the server has this time."""
     app = FastAPI(title="metaapo reward server", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = Metrics()
     batcher = Batcher(reward, metrics, max_batch_texts, max_wait_ms / 1000, max_queued_texts)
@@ -385,7 +388,9 @@ def create_app(
             return JSONResponse({"status": "unhealthy", "reason": problem, "instance": instance}, status_code=503)
         queued_requests, queued_texts = batcher.depth()
         state = {"status": "ok"} if batcher.last_failure is None else {"status": "degraded", "reason": batcher.last_failure}
-        return JSONResponse({**state, "instance": instance, "queued_requests": queued_requests, "queued_texts": queued_texts})
+        named = {"reward": source} if source else {}
+        return JSONResponse({**state, **named, "instance": instance, "queued_requests": queued_requests,
+                             "queued_texts": queued_texts})
 
     @app.get("/metrics")
     async def metrics_text() -> PlainTextResponse:
@@ -572,7 +577,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 2
     app = create_app(
         reward, token=args.token, max_body_bytes=args.max_body_bytes, max_batch_texts=args.max_batch_texts,
-        max_wait_ms=args.max_wait_ms, max_queued_texts=args.max_queued_texts,
+        max_wait_ms=args.max_wait_ms, max_queued_texts=args.max_queued_texts, source=source,
     )  # fmt: skip
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     try:

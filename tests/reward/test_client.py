@@ -221,3 +221,11 @@ def test_bad_settings_are_refused(settings, message):
 def test_prompts_and_responses_must_pair_up():
     with RewardClient("http://x") as client, pytest.raises(ValueError, match="2 prompts but 1 responses"):
         client.score(["a", "b"], ["c"])
+
+
+def test_the_reward_identity_is_what_the_servers_name_and_their_urls_when_they_do_not(servers):
+    first, second = servers
+    dead = f"http://127.0.0.1:{free_port()}"
+    with RewardClient([first.url, second.url]) as both, RewardClient([second.url, dead]) as one_silent:
+        assert both.reward_identity() == "function tests.reward.fixtures:misbehave_on_command"
+        assert one_silent.reward_identity() == f"{second.url},{dead}"
