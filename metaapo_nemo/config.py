@@ -271,6 +271,11 @@ class MetaAPOConfig:
         return dataclasses.asdict(self)
 
 
+# The environment variable that carries the reward server's bearer token (to the server, and to the
+# trainer when reward.token is unset), so that it never sits on a command line.
+REWARD_TOKEN_ENV = "METAAPO_REWARD_TOKEN"
+
+
 class ConfigError(ValueError):
     pass
 

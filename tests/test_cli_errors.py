@@ -97,18 +97,15 @@ def test_a_local_reward_server_on_a_job_of_two_nodes_is_refused_in_one_line(tmp_
 
 
 def test_the_reward_token_travels_by_environment_and_a_wrong_one_ends_in_one_line_with_status_3(tmp_path):
-    from tests.helpers import free_port
+    from tests.reward.fixtures import ServerProcess
 
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "metaapo_nemo.reward.server", "--port", str(port), "--reward-fn",
-                               "metaapo_nemo.data.toy_task:reward"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL,
-                              env={**os.environ, "PYTHONPATH": str(ROOT), "METAAPO_REWARD_TOKEN": "s3cret"})
+    server = ServerProcess(tmp_path / "server.log", "--reward-fn", "metaapo_nemo.data.toy_task:reward",
+                           env={"METAAPO_REWARD_TOKEN": "s3cret"}).wait_healthy(60)
     try:
         def run(token, out):
             return _run([sys.executable, "-m", "metaapo_nemo", "run", "--recipe", "tiny_cpu", f"output_dir={out}",
                          f"task.cache_dir={tmp_path / 'cache'}", *SHRUNK_TINY_CPU, "algo.iterations=1",
-                         f"reward.url=http://127.0.0.1:{port}", "reward.startup_timeout_s=60"], tmp_path,
+                         f"reward.url={server.url}", "reward.startup_timeout_s=60"], tmp_path,
                         METAAPO_REWARD_TOKEN=token)
 
         good = run("s3cret", tmp_path / "good")
@@ -121,8 +118,7 @@ def test_the_reward_token_travels_by_environment_and_a_wrong_one_ends_in_one_lin
                                   "are not asked for again")
         assert "Traceback" not in bad.stderr
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.kill()
 
 
 def test_a_second_run_on_the_output_dir_of_a_live_one_is_refused_in_one_line(tmp_path):

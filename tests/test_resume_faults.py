@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from metaapo_nemo.reward.server import parse_metrics
-from tests.helpers import SHRUNK_TINY_CPU, free_port
+from tests.helpers import SHRUNK_TINY_CPU
+from tests.reward.fixtures import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 # Without a meta step in every training step and a checkpoint after each, the kills below would
@@ -31,30 +32,12 @@ SUMMARY_KEYS = ["algorithm", "iterations", "finished", "annotation_ratio", "prom
                 "reward_final", "reward_per_iteration"]
 
 
-def _start_server(log_path, port, reward_fn="metaapo_nemo.data.toy_task:reward"):
-    log = open(log_path, "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "metaapo_nemo.reward.server", "--port", str(port),
-                             "--reward-fn", reward_fn],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None and time.time() < deadline, "the reward server did not start"
-        time.sleep(0.2)
-    return proc, url
-
-
 @pytest.fixture(scope="module")
 def reward_server(tmp_path_factory):
-    proc, url = _start_server(tmp_path_factory.mktemp("server") / "server.log", free_port())
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    server = ServerProcess(tmp_path_factory.mktemp("server") / "server.log", "--reward-fn",
+                           "metaapo_nemo.data.toy_task:reward").wait_healthy(60)
+    yield server.url
+    server.kill()
 
 
 def _texts_scored(url: str) -> float:
@@ -186,8 +169,8 @@ def test_a_reward_server_killed_and_restarted_mid_annotation_is_waited_for_and_n
     import threading
 
     reference, cache, _ = uninterrupted
-    out, port = tmp_path / "out", free_port()
-    server, url = _start_server(tmp_path / "server.log", port, "tests.reward.fixtures:slow_toy_reward")
+    out, slow = tmp_path / "out", ("--reward-fn", "tests.reward.fixtures:slow_toy_reward")
+    server = ServerProcess(tmp_path / "server.log", *slow).wait_healthy(60)
     restarted = []
     ledger = out / "rewards" / "rank_0.jsonl"
 
@@ -196,14 +179,13 @@ def test_a_reward_server_killed_and_restarted_mid_annotation_is_waited_for_and_n
         while not (ledger.exists() and len(ledger.read_text().splitlines()) > 64):
             time.sleep(0.05)
         server.kill()
-        server.wait()
         time.sleep(2.0)  # the run's requests fail meanwhile, and are retried
-        restarted.append(_start_server(tmp_path / "server.log", port, "tests.reward.fixtures:slow_toy_reward")[0])
+        restarted.append(ServerProcess(tmp_path / "restarted.log", *slow, port=server.port).wait_healthy(60))
 
     killer = threading.Thread(target=kill_mid_annotation, daemon=True)
     killer.start()
     try:
-        proc = _run(out, cache, url, extra=["reward.batch_size=8"])
+        proc = _run(out, cache, server.url, extra=["reward.batch_size=8"])
     finally:
         for p in [server, *restarted]:
             p.kill()

@@ -37,7 +37,7 @@ from metaapo_nemo import config as C
 
 REWARD_URL_ENV = "METAAPO_REWARD_URL"
 RDZV_HOST_ENV = "METAAPO_RDZV_HOST"
-TOKEN_ENV = "METAAPO_REWARD_TOKEN"
+TOKEN_ENV = C.REWARD_TOKEN_ENV
 # Slurm's warning before the time limit (`--signal=USR1@300`) and the trainer's matching setting: five
 # minutes for every rank to reach an optimiser-step boundary and write a checkpoint.
 SLURM_SIGNAL, CHECKPOINT_SIGNAL = "USR1@300", "SIGUSR1"

@@ -48,6 +48,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from metaapo_nemo.config import REWARD_TOKEN_ENV
 from metaapo_nemo.reward.models import HFRewardModel, RewardFn, load_reward_fn
 
 log = logging.getLogger("metaapo_nemo.reward.server")
@@ -57,7 +58,7 @@ DEFAULT_MAX_BATCH_TEXTS = 256
 DEFAULT_MAX_WAIT_MS = 5.0
 DEFAULT_MAX_QUEUED_TEXTS = 8192
 DEFAULT_SHUTDOWN_TIMEOUT_S = 10.0
-TOKEN_ENV = "METAAPO_REWARD_TOKEN"
+TOKEN_ENV = REWARD_TOKEN_ENV
 RETRY_AFTER_S = 1
 DISCONNECT_POLL_S = 0.05
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
