@@ -30,7 +30,10 @@ class PolicyConfig:
 
 @dataclass
 class ReferenceConfig:
-    hf_path: Optional[str] = None  # None: the policy's starting checkpoint (the SFT model in the paper)
+    # The frozen reference pi_ref: the SFT model the policy's DPO warm-up started from (the paper's
+    # reference). None: the policy's starting checkpoint (policy.hf_path), with a warning in the log
+    # and summary.json, since with a warm-up as the policy that flattens iteration 1's scores.
+    hf_path: Optional[str] = None
     roll_forward: bool = False  # True: reference := current policy at each iteration start (reference code); paper text: off
 
 
@@ -80,7 +83,18 @@ class AlgoConfig:
     meta_lr: float = 5e-3
     meta_weight_decay: float = 1e-4
     threshold: float = -0.5  # score threshold for threshold-sampling ablation / offline-loss threshold for ADPO
-    keep_ties: bool = False  # keep online pairs whose K rewards are all equal (uninformative); default drop and count
+    # A tie: every reward of the pool an online pair is built from is equal (the K samples; SELM: and
+    # the offline pair), counted in summary.json's `ties`. true: keep an uninformative online pair
+    # anyway; false: no online pair (the prompt still trains its offline pair where the strategy
+    # trains offline pairs, strategies.py).
+    keep_ties: bool = False
+    # The share of prompts the random-sampling strategies (metaapo_random_sampling,
+    # online_dpo_random_subset) send for online samples: prompt i iff its seeded draw u_i > 1 - random_ratio.
+    random_ratio: float = 0.5
+    # Potential online gain l_on - l_off (paper Figure 2, middle), measured when > 0: for the sampled
+    # prompts and for up to this many unsampled ones per iteration (lowest seeded draw first), which get
+    # K samples annotated only for it: never trained on, not counted as annotated, timed as seconds.probe.
+    probe_unsampled: int = 0
 
 
 @dataclass
@@ -107,6 +121,10 @@ class TrainerConfig:
     global_batch_size: int = 128  # prompts per optimiser step (each with its offline and online pair)
     micro_batch_size: int = 2  # prompts per forward/backward
     epochs_per_iteration: int = 1  # passes over an iteration's training set
+    # None: an iteration trains epochs_per_iteration passes over its training set. S: exactly S
+    # optimiser steps of global_batch_size items per iteration, cut from as many reshuffled passes
+    # as they need, so that methods with training sets of different sizes take equal steps.
+    steps_per_iteration: Optional[int] = None
     num_threads: Optional[int] = None  # torch intra-op threads; None: torch's default
     log_every: int = 1  # optimiser steps between metric lines on the console
     # Megatron's distributed optimizer: the fp32 main weights and Adam state (12 B/param) are sharded
@@ -147,6 +165,11 @@ class EmbeddedTaskConfig:
     sft_lr: float = 3e-3
     warmup_dpo_steps: int = 20  # DPO warm-up of the SFT model on the offline pairs (Algorithm 1's start)
     warmup_dpo_lr: float = 5e-5
+    # The offline pairs' quality and distribution shift (toy_task's module docstring); the defaults
+    # are the task before these keys, byte for byte; recipe tiny_cpu sets the paper's regime.
+    offline_correct: float = 0.04  # probability that one behaviour sample is the right answer
+    offline_informative: float = 0.0  # share of behaviour mistakes that are one-letter errors (the policy's kind)
+    offline_shift: float = 0.0  # probability of a space in each gap between two letters of a behaviour response
     hidden_size: int = 128
     num_layers: int = 4
     num_attention_heads: int = 4
@@ -208,6 +231,9 @@ class MetaAPOConfig:
                             f"{self.policy.max_length}: a prompt that long leaves no room for its response")
         if self.algo.beta <= 0:
             problems.append(f"algo.beta={self.algo.beta}: must be > 0")
+        if not (isinstance(self.algo.probe_unsampled, int) and self.algo.probe_unsampled >= 0):
+            problems.append(f"algo.probe_unsampled={self.algo.probe_unsampled}: must be an integer >= 0 "
+                            "(0: no potential-gain measurement)")
         if not 0 <= self.algo.label_smoothing < 0.5:
             problems.append(f"algo.label_smoothing={self.algo.label_smoothing}: must be in [0, 0.5)")
         t = self.trainer
@@ -227,6 +253,17 @@ class MetaAPOConfig:
         if t.save_every_steps is not None and not (isinstance(t.save_every_steps, int) and t.save_every_steps > 0):
             problems.append(f"trainer.save_every_steps={t.save_every_steps!r}: a positive integer, or None for no "
                             "checkpoints inside training")
+        if t.steps_per_iteration is not None and not (isinstance(t.steps_per_iteration, int)
+                                                      and not isinstance(t.steps_per_iteration, bool)
+                                                      and t.steps_per_iteration > 0):
+            problems.append(f"trainer.steps_per_iteration={t.steps_per_iteration!r}: a positive integer, or None for "
+                            "trainer.epochs_per_iteration passes")
+        elif t.steps_per_iteration is not None and t.epochs_per_iteration != 1:
+            problems.append(f"trainer.steps_per_iteration={t.steps_per_iteration} sets the iteration's length by itself: "
+                            f"leave trainer.epochs_per_iteration at 1 (got {t.epochs_per_iteration}), or unset one of them")
+        if not (isinstance(self.algo.random_ratio, (int, float)) and not isinstance(self.algo.random_ratio, bool)
+                and 0 < self.algo.random_ratio <= 1):
+            problems.append(f"algo.random_ratio={self.algo.random_ratio!r}: the share of prompts sampled, in (0, 1]")
         if t.checkpoint_signal not in (None, "SIGUSR1", "SIGUSR2", "SIGTERM"):
             problems.append(f"trainer.checkpoint_signal={t.checkpoint_signal!r}: use SIGUSR1, SIGUSR2, SIGTERM or None")
         r = self.reward

@@ -1,9 +1,10 @@
 """llama31_8b: the paper's Llama-3.1 setting (METAAPO.md, Table B.4).
 
 Policy: a DPO warm-up of allenai/Llama-3.1-Tulu-3-8B-SFT (policy.hf_path); reference: the SFT model
-itself (reference.hf_path; unset, the reference is the policy's start). Point both at local
-copies, data.train at UltraFeedback-binarized (prompt/chosen/rejected), data.eval at held-out
-prompts and reward.url at a Bradley-Terry reward server. CUDA GPUs only: on a machine without them
+itself (reference.hf_path; unset, the reference is the policy's start and the run warns). Point
+both at local copies (the two `hf_path=None` lines below), data.train at UltraFeedback-binarized
+(prompt/chosen/rejected), data.eval at held-out prompts and reward.url at a Bradley-Terry reward
+server. CUDA GPUs only: on a machine without them
 the run stops at set-up in one line (the distributed optimizer and activation recomputation below
 exist for CUDA).
 
@@ -40,14 +41,17 @@ P = 8.03B parameters (32 layers of 218.1M, embedding and LM head 525.3M each, un
   move the same bytes as the all-reduce it replaces.
 """
 from metaapo_nemo.config import (
-    AlgoConfig, DataConfig, MetaAPOConfig, PolicyConfig, RewardConfig, RolloutConfig, TrainerConfig,
+    AlgoConfig, DataConfig, MetaAPOConfig, PolicyConfig, ReferenceConfig, RewardConfig, RolloutConfig, TrainerConfig,
 )
 
 
 def recipe() -> MetaAPOConfig:
     return MetaAPOConfig(
         output_dir="results/llama31_8b",
-        policy=PolicyConfig(lr=5e-7, max_prompt_length=2048, max_length=4096, bf16=True),
+        # Yours to set: a local copy of a DPO warm-up of allenai/Llama-3.1-Tulu-3-8B-SFT (Algorithm 1's start),
+        policy=PolicyConfig(hf_path=None, lr=5e-7, max_prompt_length=2048, max_length=4096, bf16=True),
+        # and of allenai/Llama-3.1-Tulu-3-8B-SFT itself, the paper's reference (unset: the policy's start, warned).
+        reference=ReferenceConfig(hf_path=None),
         data=DataConfig(max_eval_prompts=805),
         reward=RewardConfig(timeout_s=300.0, startup_timeout_s=1800.0),  # an 8B reward model loads for minutes
         algo=AlgoConfig(name="metaapo", iterations=3, num_samples=8, beta=0.1, meta_interval=8),

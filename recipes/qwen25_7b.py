@@ -2,8 +2,8 @@
 temperature 0.8 and top-p 0.95 (METAAPO.md).
 
 Policy: a DPO warm-up of FuseAI/FuseChat-Qwen-2.5-7B-SFT (policy.hf_path); reference: the SFT model
-itself (reference.hf_path; unset, the reference is the policy's start). Data, reward and the CUDA
-requirement as in llama31_8b.
+itself (reference.hf_path; unset, the reference is the policy's start and the run warns). Data,
+reward and the CUDA requirement as in llama31_8b.
 
 Layout on 8x80 GB nodes: TP=4, PP=2, one model replica per node, data parallel over nodes. TP must
 divide Qwen2.5-7B's 28 attention heads and 4 KV heads, so TP=8 (the Llama layout) is impossible and
@@ -34,6 +34,9 @@ from metaapo_nemo.recipes.llama31_8b import recipe as llama31_8b
 def recipe() -> MetaAPOConfig:
     config = llama31_8b()
     config.output_dir = "results/qwen25_7b"
+    # Yours to set: local copies of a DPO warm-up of FuseAI/FuseChat-Qwen-2.5-7B-SFT (the policy's
+    # start) and of FuseAI/FuseChat-Qwen-2.5-7B-SFT itself (the reference; unset: the policy's start, warned).
+    config.policy.hf_path, config.reference.hf_path = None, None
     config.rollout.temperature, config.rollout.top_p = 0.8, 0.95
     config.trainer.tensor_model_parallel_size, config.trainer.pipeline_model_parallel_size = 4, 2
     return config

@@ -57,7 +57,7 @@ def test_two_ranks_make_the_same_decisions_pairs_and_weights_as_one(one_rank, ca
     assert double["reward_per_iteration"] == pytest.approx(single["reward_per_iteration"], abs=1e-6)
     a, b = load_file(out / "final" / "model.safetensors"), load_file(one_rank / "final" / "model.safetensors")
     assert a.keys() == b.keys()
-    start = load_file(next(cache.glob("tiny_cpu-*")) / "warmup" / "model.safetensors")
+    start = load_file(next(cache.glob("tiny_cpu-*/warmup")) / "model.safetensors")
     moved = max((b[k] - start[k]).abs().max().item() for k in b)
     assert moved > 5e-5  # training moved the weights (lr 2e-5)
     # Adam moves a weight whose gradient sits at the rounding level by up to 2 lr differently in two

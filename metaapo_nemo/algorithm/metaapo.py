@@ -28,11 +28,14 @@ from pathlib import Path
 
 import torch
 
+from metaapo_nemo.algorithm.diagnostics import changed_decisions, probe_order, untrained_meta_learner, win_rate
 from metaapo_nemo.algorithm.meta_learner import MetaBuffer, MetaLearner, make_meta_optimizer, meta_update
 from metaapo_nemo.algorithm.objectives import Objective, PairLogps, meta_weighted_loss
 from metaapo_nemo.algorithm.pairs import build_online_pair, build_selm_pair
 from metaapo_nemo.algorithm.sampling import sample_seeds, uniform_draws
-from metaapo_nemo.algorithm.strategies import Strategy, loss_weights, offline_weight, resolve_strategy, select_for_sampling
+from metaapo_nemo.algorithm.strategies import (
+    Strategy, TrainItem, loss_weights, offline_weight, resolve_strategy, select_for_sampling, train_items,
+)
 from metaapo_nemo import faults, stopping
 from metaapo_nemo.config import ConfigError, MetaAPOConfig
 from metaapo_nemo.distributed import (
@@ -55,6 +58,9 @@ class TrainingDiverged(ConfigError):
 # run again (a Slurm job script requeues itself when it finds it); the next run removes it.
 REQUEUE_MARKER = "requeue"
 CHECKPOINT_NAME = re.compile(r"iter_\d+(_annotated|_step_\d+)?")
+REFERENCE_UNSET = ("reference.hf_path is not set: the reference is the policy's start (policy.hf_path). With a DPO "
+                   "warm-up as the policy (the paper's start) every iteration-1 offline score is log sigmoid(0) = "
+                   "-0.693 and the sampling decision is uniform; set reference.hf_path to the SFT model")
 
 
 @dataclass
@@ -83,11 +89,15 @@ class RunState:
     reward_initial: float | None = None
     rewards: list = field(default_factory=list)  # held-out reward after each iteration
     seconds: dict = field(default_factory=lambda: dict(prepare=0.0, scoring=0.0, sampling=0.0, annotation=0.0,
-                                                       training=0.0, evaluation=0.0, meta=0.0))
+                                                       training=0.0, evaluation=0.0, meta=0.0, probe=0.0))
     train_tokens: int = 0
     generated_tokens: int = 0
     skipped_steps: int = 0  # optimiser steps skipped for a NaN or inf loss or gradient
     checkpoints: int = 0  # checkpoints written; the newest has the highest number
+    decisions_changed: int = 0  # sampling decisions the trained h_phi flipped against an untrained one (meta sampling)
+    probe_annotations: int = 0  # unsampled prompts given K annotated samples only to measure their gain
+    prompt_rewards_initial: list = field(default_factory=list)  # per held-out prompt, of the starting policy
+    prompt_rewards_final: list = field(default_factory=list)  # and of the latest evaluated policy
 
 
 @dataclass
@@ -103,6 +113,9 @@ class IterationState:
     meta_weight_mean: float | None
     score_offline_mean: float | None
     steps_done: int = 0  # training batches of this iteration already consumed
+    meta_updates_before: int = 0  # Eq. 6 steps taken before this iteration's decision
+    decisions_changed_by_meta: float | None = None  # share of the slice's decisions h_phi's training flipped
+    score_offline_range: list | None = None  # [min, max] offline score of the slice
 
     def with_online(self, examples: list) -> list[int]:
         return [i for i, sel in enumerate(self.selected) if sel and examples[i].prompt_id in self.online]
@@ -183,6 +196,10 @@ class MetaAPORun:
                 c.reward.reward_fn = c.reward.reward_fn or built.reward_fn
             inputs = check_inputs(c)  # now with the task's own files in the keys the user left unset
         self.state.seconds["prepare"] = time.perf_counter() - started
+        # Told on the console and kept in summary.json: a run that goes on may still mislead whoever reads it.
+        self.warnings = [REFERENCE_UNSET] if self.objective.needs_reference and c.reference.hf_path is None else []
+        for warning in self.warnings:
+            self.console.log(f"[yellow]warning: {warning}[/yellow]")
 
         self.tokenizer = AutoTokenizer.from_pretrained(c.policy.hf_path)
         if self.tokenizer.pad_token_id is None:
@@ -387,13 +404,10 @@ class MetaAPORun:
         for e in examples:
             e.online = it.online.get(e.prompt_id)
 
-        # 6. Train one epoch (Eq. 5), meta-learner steps every T_meta optimiser steps (Eq. 6).
+        # 6. Train one epoch (Eq. 5; or trainer.steps_per_iteration steps), meta-learner steps every T_meta
+        # optimiser steps (Eq. 6). Selected prompts whose samples tied keep their offline pair (train_items).
         n, with_online = len(examples), it.with_online(examples)
-        items = [TrainItem(i, on_slot=k, offline_only=False) for k, i in enumerate(with_online)]
-        if self.strategy.weighting == "offline_only":
-            items = [TrainItem(i, None, offline_only=True) for i in range(n)]
-        elif self.strategy.train_unselected_offline:
-            items += [TrainItem(i, None, offline_only=True) for i in range(n) if not it.selected[i]]
+        items = train_items(self.strategy, it.selected, [e.prompt_id in it.online for e in examples])
         self._train(t, examples, items, it)
 
         # 7. Evaluate, log, checkpoint (by the caller).
@@ -402,7 +416,9 @@ class MetaAPORun:
         self.metrics.write("iteration", s.step, t + 1, reward=reward, annotated=sum(it.selected), considered=n,
                            online_pairs=len(with_online), meta_weight_mean=it.meta_weight_mean,
                            score_offline_mean=it.score_offline_mean,
-                           meta_curve=self._meta_curve(), annotation_ratio=s.annotated / max(1, s.considered))
+                           meta_curve=self._meta_curve(it.score_offline_range), annotation_ratio=s.annotated / max(1, s.considered),
+                           meta_updates=s.meta_updates, meta_updates_iteration=s.meta_updates - it.meta_updates_before,
+                           decisions_changed_by_meta=it.decisions_changed_by_meta)
         self.console.log(f"  held-out reward after iteration {t + 1}: {reward:.4f} (start {s.reward_initial:.4f})")
 
     def _decide_and_annotate(self, t: int, examples: list[Example]) -> IterationState:
@@ -427,9 +443,13 @@ class MetaAPORun:
 
         # 2. Decide who gets online samples: u drawn per (seed, iteration, prompt id).
         u = uniform_draws(c.seed, t, [e.prompt_id for e in examples])
-        selected = select_for_sampling(strategy, w, u, score_off, loss_off, c.algo.threshold).tolist()
+        selected = select_for_sampling(strategy, w, u, score_off, loss_off, c.algo.threshold, c.algo.random_ratio).tolist()
         chosen_idx = [i for i, sel in enumerate(selected) if sel]
         self.metrics.write("decisions", s.step, t + 1, annotated=[examples[i].prompt_id for i in chosen_idx])
+        changed = None
+        if strategy.sampling == "meta":  # did the Eq. 6 steps so far matter to who gets sampled?
+            changed = changed_decisions(u, w, offline_weight(strategy, untrained_meta_learner(), score_off))
+            s.decisions_changed += changed
         s.considered += n
         s.annotated += len(chosen_idx)
         self.console.log(f"  sampling decision: {len(chosen_idx)}/{n} prompts get online samples"
@@ -445,10 +465,16 @@ class MetaAPORun:
             ref_on = self._reference_logps([(examples[i].prompt, p[0]) for i, p in zip(with_online, pairs)]
                                            + [(examples[i].prompt, p[1]) for i, p in zip(with_online, pairs)])
             s.seconds["scoring"] += time.perf_counter() - started
+        if c.algo.probe_unsampled and score_off is not None:
+            self._potential_gain(t, examples, score_off, u, selected, online, ref_on)
         it = IterationState(selected=selected, online=online, ref_off=None if ref_off is None else ref_off[0],
                             ref_on=None if ref_on is None else ref_on[0],
                             meta_weight_mean=float(w.mean()) if w is not None else None,
-                            score_offline_mean=float(score_off.mean()) if score_off is not None else None)
+                            score_offline_mean=float(score_off.mean()) if score_off is not None else None,
+                            meta_updates_before=s.meta_updates,
+                            decisions_changed_by_meta=None if changed is None else changed / n,
+                            score_offline_range=None if score_off is None else [float(score_off.min()),
+                                                                                 float(score_off.max())])
         self._save_checkpoint(f"iter_{t + 1}_annotated", it)
         return it
 
@@ -456,6 +482,51 @@ class MetaAPORun:
         if self.reference is None:
             return None
         return self.reference.score(sequences)
+
+    def _potential_gain(self, t: int, examples: list[Example], score_off, u, selected: list, online: dict, ref_on) -> None:
+        """Paper Figure 2 (middle): the potential online gain l_on - l_off of a prompt, both scores
+        under the policy at the decision (where it is positive, Eq. 6 lowers w). Measured for the
+        sampled prompts with an online pair (ref_on: their reference log-probs, in slice order) and
+        for up to algo.probe_unsampled unsampled ones, whose K samples are annotated only for this.
+        Written as the `gain` row and timed apart (seconds["probe"]), so the other phases' seconds
+        compare with runs that do not probe. Collective: every rank calls it with the same arguments."""
+        s = self.state
+        started = time.perf_counter()
+        probes = probe_order(u, selected, self.config.algo.probe_unsampled)
+        probed = self._probe_pairs(t, [examples[i] for i in probes]) if probes else {}
+        sampled_idx = [i for i, sel in enumerate(selected) if sel and examples[i].prompt_id in online]
+        probe_idx = [i for i in probes if examples[i].prompt_id in probed]
+        idx, m = sampled_idx + probe_idx, len(sampled_idx)
+        pairs = [online[examples[i].prompt_id] for i in sampled_idx] + [probed[examples[i].prompt_id] for i in probe_idx]
+        gain = []
+        if idx:
+            chosen = [(examples[i].prompt, p[0]) for i, p in zip(idx, pairs)]
+            rejected = [(examples[i].prompt, p[1]) for i, p in zip(idx, pairs)]
+            probe_ref = self._reference_logps(chosen[m:] + rejected[m:]) if probe_idx else None
+            (on_c, on_r), (probe_c, probe_r) = _split(ref_on, m), _split(probe_ref, len(probe_idx))
+            pol, ntok = self.policy.score(chosen + rejected)
+            k = len(idx)
+            score_on = self.objective.score(PairLogps(pol[:k], pol[k:], _joined(on_c, probe_c), _joined(on_r, probe_r),
+                                                      ntok[:k], ntok[k:]))
+            gain = (score_on - score_off[idx]).tolist()
+        s.probe_annotations += len(probes)
+        s.seconds["probe"] = s.seconds.get("probe", 0.0) + time.perf_counter() - started
+        self.metrics.write("gain", s.step, t + 1, score_offline=score_off[idx].tolist(), gain=gain,
+                           sampled=[True] * m + [False] * len(probe_idx), probed=len(probes))
+        self.console.log(f"  potential online gain: {_mean(gain[:m]):.3f} on {m} sampled prompts, {_mean(gain[m:]):.3f} "
+                         f"on {len(probe_idx)} unsampled ones ({len(probes)} probed)")
+
+    def _probe_pairs(self, t: int, probes: list[Example]) -> dict:
+        """{prompt_id: (chosen ids, rejected ids)} for unsampled prompts, from K samples through the
+        same engine, seeds and reward ledger as _online_pairs but none of its counters: these pairs
+        only measure a gain and are never trained on. Each rank takes every world_size-th prompt;
+        the pairs are gathered to every rank."""
+        self.engine.refit(self.policy.hf_state_dict())
+        mine = probes[world_rank()::world_size()]
+        pairs = self._sample_and_annotate(t, mine)["pairs"] if mine else {}
+        if release := getattr(self.engine, "release", None):
+            release()
+        return {pid: pair for part in all_gather_objects(pairs) for pid, pair in part.items()}
 
     def _online_pairs(self, t: int, chosen: list[Example]) -> dict:
         """Refit, generate K responses, annotate, build pairs: {prompt_id: (chosen ids, rejected ids)}.
@@ -515,12 +586,12 @@ class MetaAPORun:
             by_text = dict(zip(rs, ids))
             if self.strategy.pairs == "selm":
                 off_rw = rewards[len(chosen) * k + 2 * j: len(chosen) * k + 2 * j + 2]
-                pair = build_selm_pair(rs, rw, e.chosen_text, e.rejected_text, off_rw[0], off_rw[1])
+                pair, tie = build_selm_pair(rs, rw, e.chosen_text, e.rejected_text, off_rw[0], off_rw[1],
+                                            keep_ties=c.algo.keep_ties)
                 by_text.update({e.chosen_text: e.chosen, e.rejected_text: e.rejected})
             else:
-                pair = build_online_pair(rs, rw, keep_ties=c.algo.keep_ties)
-            if pair is None or len(set(rw)) == 1:
-                ties += 1
+                pair, tie = build_online_pair(rs, rw, keep_ties=c.algo.keep_ties)
+            ties += tie
             if pair is None:
                 continue
             room = c.policy.max_length - len(e.prompt)
@@ -582,20 +653,17 @@ class MetaAPORun:
             w_off = torch.where(offline_only, torch.ones_like(w_off), w_off)
             w_on = torch.where(offline_only, torch.zeros_like(w_on), w_on)
             loss = meta_weighted_loss(w_off, w_on, loss_off, loss_on) * b
-            if needs_offline and m and is_loss_rank():
+            # Only for an h_phi that learns from it: else the buffer would grow into every checkpoint.
+            if strategy.meta_learner_trained and needs_offline and m and is_loss_rank():
                 pending_meta.append((score_off[on_items], loss_off.detach()[on_items], loss_on.detach()[on_items]))
             stats = dict(loss=float(loss.detach()), n=b, n_online=m, loss_offline=float(loss_off.detach().sum()),
                          loss_online=float(loss_on.detach().sum()), meta_weight=float(w_off.sum()),
                          score_offline=float(score_off.sum()), score_online=float(score_on.sum()))
             return loss, stats
 
-        order = list(range(len(items)))
-        gbs, mbs = c.trainer.global_batch_size, c.trainer.micro_batch_size
-        steps_per_epoch = -(-len(items) // gbs)
-        batches = []
-        for epoch in range(c.trainer.epochs_per_iteration):
-            random.Random(_derive_seed(c.seed, t, 2 + epoch)).shuffle(order)
-            batches += [order[start:start + gbs] for start in range(0, len(order), gbs)]
+        mbs = c.trainer.micro_batch_size
+        batches = train_batches(len(items), c.trainer.global_batch_size, c.seed, t, c.trainer.epochs_per_iteration,
+                                c.trainer.steps_per_iteration)
         with self.console.progress(f"train it{t + 1}", total=len(batches) - it.steps_done) as advance:
             for k in range(it.steps_done, len(batches)):
                 pending_meta.clear()
@@ -655,14 +723,16 @@ class MetaAPORun:
             self.metrics.write("meta_update", self.state.step, t + 1, **meta_stats)
 
     def _evaluate(self, iteration: int) -> float:
-        """Mean reward-model score of policy samples on the held-out prompts (split over ranks)."""
+        """Mean reward-model score of policy samples on the held-out prompts (split over ranks).
+        Also keeps each prompt's mean over its rollout.eval_samples samples, in held-out prompt
+        order whatever the number of ranks (the `eval` row's prompt_rewards; the win rate)."""
         from metaapo_nemo.rollout.engine import SamplingParams
 
         c, s = self.config, self.state
         started = time.perf_counter()
         self.engine.refit(self.policy.hf_state_dict())
         mine = list(range(world_rank(), len(self.eval_ids), world_size()))
-        rewards, lengths = [], []
+        rewards, lengths, per_prompt = [], [], []
         if mine:
             params = SamplingParams(num_samples=c.rollout.eval_samples, temperature=c.rollout.eval_temperature,
                                     top_p=c.rollout.top_p, max_new_tokens=c.rollout.max_new_tokens)
@@ -672,18 +742,30 @@ class MetaAPORun:
             prompts = [self.eval_prompts[i] for i in mine for _ in range(c.rollout.eval_samples)]
             rewards = self.ledger.score(prompts, texts)
             lengths = [len(r) for rs in samples for r in rs]
+            k = c.rollout.eval_samples
+            per_prompt = [float(sum(rewards[j * k:(j + 1) * k])) / k for j in range(len(mine))]
         if release := getattr(self.engine, "release", None):
             release()
-        parts = all_gather_objects((rewards, lengths))
+        parts = all_gather_objects((rewards, lengths, dict(zip(mine, per_prompt))))
         rewards = [r for part in parts for r in part[0]]
         lengths = [n for part in parts for n in part[1]]
+        by_prompt = {i: r for part in parts for i, r in part[2].items()}
+        prompt_rewards = [by_prompt[i] for i in range(len(self.eval_ids))]
         s.seconds["evaluation"] += time.perf_counter() - started
         reward = sum(rewards) / len(rewards)
-        self.metrics.write("eval", s.step, iteration, reward=reward, response_tokens_mean=sum(lengths) / len(lengths))
+        if iteration == 0:
+            s.prompt_rewards_initial = prompt_rewards
+        s.prompt_rewards_final = prompt_rewards
+        self.metrics.write("eval", s.step, iteration, reward=reward, response_tokens_mean=sum(lengths) / len(lengths),
+                           prompt_rewards=prompt_rewards)
         return reward
 
-    def _meta_curve(self) -> list[list[float]]:
-        xs = torch.linspace(-4.0, 0.0, 21)
+    def _meta_curve(self, score_range: list | None) -> list[list[float]]:
+        """[scores, h_phi(scores)] over the slice's offline scores [min, max] (-4..0 when it had none)."""
+        low, high = score_range or (-4.0, 0.0)
+        if high - low < 1e-6:  # one score, or all equal: a curve needs some width around it
+            low, high = low - 0.5, high + 0.5
+        xs = torch.linspace(low, high, 41)
         return [xs.tolist(), self.meta.weights(xs).tolist()]
 
     # ------------------------------------------------------------------ outputs
@@ -705,11 +787,17 @@ class MetaAPORun:
             "skipped_steps": s.skipped_steps,
             "reward_initial": s.reward_initial, "reward_final": s.rewards[-1] if s.rewards else s.reward_initial,
             "reward_per_iteration": s.rewards, "seconds": secs,
+            "decisions_changed_by_meta": (s.decisions_changed / max(1, s.considered)
+                                          if self.strategy.sampling == "meta" else None),
+            "win_rate_vs_start": (win_rate(s.prompt_rewards_final, s.prompt_rewards_initial)
+                                  if s.rewards and s.prompt_rewards_initial else None),
+            "probe_annotations": s.probe_annotations,
             "tokens_per_second": {"training": s.train_tokens / max(1e-9, s.seconds["training"]),
                                   "generation": s.generated_tokens / max(1e-9, s.seconds["sampling"])},
             "parallel": {"ranks": world_size(), "tensor": c.trainer.tensor_model_parallel_size,
                          "pipeline": c.trainer.pipeline_model_parallel_size, "data": data_parallel_size()},
             "output_dir": str(self.out), "final_checkpoint": str(self.out / "final"),
+            "warnings": self.warnings,
         }
 
     def _checkpoint_dir(self) -> Path:
@@ -954,21 +1042,42 @@ def meta_step_on_rank0(meta: MetaLearner, optimizer, buffer: MetaBuffer) -> dict
     return stats
 
 
-@dataclass
-class TrainItem:
-    example: int  # index into the iteration's slice
-    on_slot: int | None  # index of its online pair among the iteration's online pairs, or None
-    offline_only: bool  # trained on the offline pair alone with weight 1 (offline baselines, C.5 ablation)
-
-
 def _split(ref, n):
     if ref is None:
         return None, None
     return ref[0][:n], ref[0][n:]
 
 
+def _joined(*parts):
+    """The non-None tensors concatenated, or None when every part is None (no reference model)."""
+    parts = [p for p in parts if p is not None]
+    return torch.cat(parts) if parts else None
+
+
+def _mean(xs: list) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
 def _derive_seed(seed: int, iteration: int, purpose: int) -> int:
     return (seed * 1_000_003 + (iteration + 1) * 7919 + purpose) % (2**63 - 1)
+
+
+def train_batches(n: int, batch_size: int, seed: int, iteration: int, epochs: int, steps: int | None) -> list[list[int]]:
+    """Iteration `iteration`'s optimiser steps, each a list of indices into its n training items,
+    from the seed alone (a resumed run skips IterationState.steps_done of them). steps None:
+    `epochs` passes, each reshuffled and cut into batches of batch_size (a pass's last one
+    shorter). steps S: exactly S batches of batch_size, cut end to end from as many reshuffled
+    passes as they need (an item can then appear twice in a batch, when n < batch_size)."""
+    if n == 0:
+        return []
+    order, passes = list(range(n)), []
+    for p in range(epochs if steps is None else -(-steps * batch_size // n)):
+        random.Random(_derive_seed(seed, iteration, 2 + p)).shuffle(order)  # pass p reshuffles pass p - 1
+        passes.append(list(order))
+    if steps is None:
+        return [part[start:start + batch_size] for part in passes for start in range(0, n, batch_size)]
+    stream = [i for part in passes for i in part]
+    return [stream[k * batch_size:(k + 1) * batch_size] for k in range(steps)]
 
 
 def _reward_urls(url) -> list[str]:
@@ -1003,8 +1112,24 @@ def _print_summary(summary: dict) -> None:
         f"{summary['reward_initial']:.4f} -> {summary['reward_final']:.4f}; annotation ratio "
         f"{summary['annotation_ratio']:.3f} ({summary['prompts_annotated']}/{summary['prompts_considered']} prompts), "
         f"{summary['num_online_pairs']} online pairs, {summary['ties']} ties, {summary['meta_updates']} meta updates\n"
+        + _diagnostics_line(summary) +
         f"seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in secs.items()) + "\n"
         f"tokens/s: training {tps.get('training', 0):.0f}, generation {tps.get('generation', 0):.0f}\n"
         f"aligned policy: {summary['final_checkpoint']}\n"
     )
 
+
+
+def _diagnostics_line(summary: dict) -> str:
+    """Whether the meta-learner mattered and the policy improved per prompt; a summary written
+    before these keys existed has none of them."""
+    parts = []
+    changed = summary.get("decisions_changed_by_meta")
+    if changed is not None:
+        parts.append(f"sampling decisions changed by the meta updates: {changed:.1%} (against an untrained "
+                     "meta-learner, same draws)")
+    if summary.get("win_rate_vs_start") is not None:
+        parts.append(f"win rate vs the starting policy {summary['win_rate_vs_start']:.3f} (held-out prompts, ties half)")
+    if summary.get("probe_annotations"):
+        parts.append(f"{summary['probe_annotations']} unsampled prompts probed for their potential gain")
+    return "; ".join(parts) + "\n" if parts else ""

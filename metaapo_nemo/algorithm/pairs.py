@@ -1,8 +1,9 @@
 """Online preference pairs from reward-model scores (MetaAPO paper Section 4.1, SELM baseline).
 
 The K sampled responses of a prompt become one pair: the best by reward is chosen, the worst is
-rejected. When every reward is equal the reward model expresses no preference: that is a tie,
-which the caller counts and then drops or keeps (keep_ties).
+rejected. When every reward of the pool a pair is built from is equal (the K samples; for SELM
+the K samples and the offline chosen and rejected) the reward model expresses no preference: that
+is a tie, which the builders report for the caller to count, and drop or keep (keep_ties).
 """
 
 from __future__ import annotations
@@ -40,20 +41,21 @@ def _check_lengths(responses: Sequence[str], rewards: Sequence[float]) -> None:
 
 def build_online_pair(
     responses: Sequence[str], rewards: Sequence[float], keep_ties: bool
-) -> OnlinePair | None:
-    """Best and worst of the K sampled responses (Online DPO / MetaAPO pairs).
+) -> tuple[OnlinePair | None, bool]:
+    """(pair, tie): best and worst of the K sampled responses (Online DPO / MetaAPO pairs).
 
-    A tie returns None, or with keep_ties the pair (responses[0], responses[-1]), which carries
-    no preference signal beyond keeping the prompt in the training set.
+    A tie (all K rewards equal) gives None, or with keep_ties the pair (responses[0],
+    responses[-1]), which carries no preference signal beyond keeping the prompt in the training set.
     """
     _check_lengths(responses, rewards)
     indices = best_worst(rewards)
-    if indices is None:
+    tie = indices is None
+    if tie:
         if not keep_ties:
-            return None
+            return None, tie
         indices = (0, len(responses) - 1)
     chosen, rejected = indices
-    return responses[chosen], responses[rejected], float(rewards[chosen]), float(rewards[rejected])
+    return (responses[chosen], responses[rejected], float(rewards[chosen]), float(rewards[rejected])), tie
 
 
 def build_selm_pair(
@@ -63,20 +65,23 @@ def build_selm_pair(
     offline_rejected: str,
     reward_chosen: float,
     reward_rejected: float,
-    keep_ties: bool = False,
-) -> OnlinePair | None:
-    """SELM pair: best and worst by reward over the K samples plus the offline chosen and rejected.
+    keep_ties: bool,
+) -> tuple[OnlinePair | None, bool]:
+    """(pair, tie): SELM pair, best and worst by reward over the K samples plus the offline chosen
+    and rejected.
 
-    A tie over all K + 2 responses returns None, or with keep_ties the offline pair itself (its
+    Only a tie over all K + 2 responses is a tie (tied samples beside an offline pair of unequal
+    rewards still make a pair); it gives None, or with keep_ties the offline pair itself (its
     human label is the only preference left).
     """
     _check_lengths(responses, rewards)
     pool = [*responses, offline_chosen, offline_rejected]
     pool_rewards = [*rewards, reward_chosen, reward_rejected]
     indices = best_worst(pool_rewards)
-    if indices is None:
+    tie = indices is None
+    if tie:
         if not keep_ties:
-            return None
+            return None, tie
         indices = (len(pool) - 2, len(pool) - 1)
     chosen, rejected = indices
-    return pool[chosen], pool[rejected], float(pool_rewards[chosen]), float(pool_rewards[rejected])
+    return (pool[chosen], pool[rejected], float(pool_rewards[chosen]), float(pool_rewards[rejected])), tie

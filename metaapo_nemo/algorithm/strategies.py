@@ -3,10 +3,19 @@
 A Strategy says who gets online samples (sampling), how the offline and online pair are weighted
 in Eq. 5 (weighting), how the online pair is built (pairs), the preference objective, whether
 unselected offline pairs are trained too, and whether h_phi is trained (Eq. 6).
+
+An iteration's training set (train_items): every selected prompt with an online pair, trained on
+both pairs with the Eq. 5 weights. A selected prompt without one (its K rewards tied and
+algo.keep_ties=false) keeps its offline pair whenever the strategy trains offline pairs: with its
+Eq. 5 offline weight and no online term (w for meta / fixed_sigmoid weighting, 0.5 uniform, 1 for
+ADPO's both), or weight 1 under train_unselected_offline (C.5 trains every offline pair, and a pair
+without an online partner gets 1 there); online_only strategies (online_dpo, selm) drop it. Having
+no online loss, it never enters the meta buffer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -31,7 +40,10 @@ class Strategy:
     objective: dpo, cdpo, ipo or simpo.
     train_unselected_offline: also train the offline pairs of unselected prompts, with weights
         (1, 0) (paper C.5 "w/ All Offline Samples").
-    meta_learner_trained: take Eq. 6 steps on h_phi every T_meta optimiser steps.
+    meta_learner_trained: take Eq. 6 steps on h_phi every T_meta optimiser steps (and only then
+        fill the meta buffer).
+    A selected prompt whose K rewards tie keeps its offline pair as the module docstring says
+    (train_items).
     """
 
     sampling: str
@@ -91,6 +103,9 @@ STRATEGIES: dict[str, Strategy] = {
     "metaapo_uniform_weighting": replace(_METAAPO, weighting="uniform"),
     "metaapo_no_meta_learner": replace(_METAAPO, weighting="fixed_sigmoid", meta_learner_trained=False),
     "metaapo_all_offline": replace(_METAAPO, train_unselected_offline=True),
+    # Online DPO on a random algo.random_ratio of the prompts: the control for MetaAPO's choice of
+    # prompts (a benchmark sets random_ratio to MetaAPO's measured annotation ratio).
+    "online_dpo_random_subset": Strategy("random", "online_only", "online", "dpo", meta_learner_trained=False),
 }
 
 # The offline baselines are named after their objective; any other objective would rename them.
@@ -129,11 +144,13 @@ def select_for_sampling(
     score_off: Tensor | None,
     loss_off: Tensor | None,
     threshold: float | None,
+    random_ratio: float,
 ) -> Tensor:
     """Which prompts get online samples (BoolTensor [N], on u's device).
 
     meta: u > w (Section 4.1; w from offline_weight). all / none: every / no prompt.
-    random: u > 0.5, half of the prompts with the same seeded draws (ablation "random sampling").
+    random: u > 1 - random_ratio, that share of the prompts with the same seeded draws (ablation
+    "random sampling" at 0.5; online_dpo_random_subset).
     threshold: score_off < threshold (ablation "threshold sampling": poorly aligned pairs).
     adpo: loss_off < threshold, as the paper describes ADPO (Appendix B.3: offline samples whose
     preference loss falls below a fixed threshold get online augmentation).
@@ -158,7 +175,7 @@ def select_for_sampling(
     if strategy.sampling == "none":
         return torch.zeros(u.shape, dtype=torch.bool, device=u.device)
     if strategy.sampling == "random":
-        return u > 0.5
+        return u > 1.0 - random_ratio
     if strategy.sampling == "threshold":
         return need(score_off, "the offline scores") < need_threshold()
     return need(loss_off, "the offline losses") < need_threshold()
@@ -184,3 +201,33 @@ def loss_weights(strategy: Strategy, meta: MetaLearner | None, score_off: Tensor
             torch.full(score_off.shape, w_off, dtype=torch.float32, device=score_off.device),
             torch.full(score_off.shape, w_on, dtype=torch.float32, device=score_off.device),
         )
+
+
+@dataclass(frozen=True)
+class TrainItem:
+    """One prompt of an iteration's training set."""
+
+    example: int  # index into the iteration's slice
+    on_slot: int | None  # index of its online pair among the iteration's online pairs, or None
+    offline_only: bool  # its offline pair alone with weights (1, 0) (offline baselines, C.5 ablation)
+
+
+def train_items(strategy: Strategy, selected: Sequence[bool], has_online: Sequence[bool]) -> list[TrainItem]:
+    """An iteration's training set, by the rule of the module docstring: the prompts with an
+    online pair first (on_slot k = the k-th of them in slice order, the order of their reference
+    log-probs), then the offline pairs trained without one, in slice order. `selected[i]`: prompt i
+    was sent for online samples; `has_online[i]`: it got an online pair (not a dropped tie)."""
+    if len(selected) != len(has_online):
+        raise ValueError(f"got {len(selected)} sampling decisions but {len(has_online)} online flags: need one per prompt")
+    if strategy.weighting == "offline_only":
+        return [TrainItem(i, None, offline_only=True) for i in range(len(selected))]
+    paired = [bool(sel and on) for sel, on in zip(selected, has_online)]
+    items = [TrainItem(i, k, offline_only=False) for k, i in enumerate(i for i, p in enumerate(paired) if p)]
+    for i, sel in enumerate(selected):
+        if paired[i]:
+            continue
+        if strategy.train_unselected_offline:
+            items.append(TrainItem(i, None, offline_only=True))
+        elif sel and strategy.trains_offline_pairs:  # a tie: its offline pair with its Eq. 5 weight
+            items.append(TrainItem(i, None, offline_only=False))
+    return items

@@ -3,6 +3,12 @@ DPO warm-up and held-out prompts, cached on disk so a second run starts at once.
 
 Algorithm 1's starting point, in miniature: the SFT model is the reference; the policy is a DPO
 warm-up of the SFT model on the offline pairs.
+
+Cache layout under ``task.cache_dir``: ``tiny_cpu-sft-<key>/sft`` holds the SFT model, keyed by
+only what it depends on (``SFT_KEYS`` and the seed), so a grid over the offline knobs trains it
+once; ``tiny_cpu-<key>/`` (every task key and the seed) holds ``warmup/``, ``train.jsonl``,
+``eval.jsonl`` and ``task_stats.json``. Each folder is built under ``<name>.tmp`` and renamed into
+place with a ``DONE`` marker, so a crash never leaves a half-built folder that looks finished.
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,8 +31,10 @@ from metaapo_nemo.data.batching import collate, encode_prompt, encode_response
 from metaapo_nemo.distributed import barrier, is_rank0
 from metaapo_nemo.metrics import Console
 from metaapo_nemo.models.config import ModelConfig
-from metaapo_nemo.models.hf_convert import save_hf_checkpoint
+from metaapo_nemo.models.hf_convert import load_hf_checkpoint, save_hf_checkpoint
 from metaapo_nemo.models.policy import MegatronPolicy, OptimConfig
+from metaapo_nemo.rollout.engine import SamplingParams
+from metaapo_nemo.rollout.torch_engine import TorchEngine
 
 REWARD_FN = "metaapo_nemo.data.toy_task:reward"
 
@@ -39,42 +48,78 @@ class EmbeddedTask:
     reward_fn: str = REWARD_FN
 
 
+CACHE_VERSION = 3
+# The task keys the SFT model depends on; the train and eval sizes count because the SFT prompts
+# are drawn disjoint from those prompts.
+SFT_KEYS = ("num_train_pairs", "num_eval_prompts", "sft_examples", "sft_steps", "sft_batch_size", "sft_lr",
+            "hidden_size", "num_layers", "num_attention_heads", "num_query_groups", "ffn_hidden_size")
+# task_stats.json: the policies' own samples on the first STATS_PROMPTS training prompts, at the
+# recipe's sampling settings (temperature 1, up to 24 new tokens); ~1 s on a CPU core.
+STATS_PROMPTS, STATS_SAMPLES, STATS_MAX_NEW_TOKENS = 128, 4, 24
+
+
+def cache_key(fields: dict) -> str:
+    return hashlib.sha256(json.dumps({**fields, "version": CACHE_VERSION}, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def prepare_embedded_task(task: EmbeddedTaskConfig, seed: int, console: Console) -> EmbeddedTask:
-    key = hashlib.sha256(json.dumps({**asdict(task), "seed": seed, "version": 2}, sort_keys=True).encode()).hexdigest()[:12]
-    root = Path(os.path.expanduser(task.cache_dir)) / f"tiny_cpu-{key}"
-    built = EmbeddedTask(str(root / "sft"), str(root / "warmup"), str(root / "train.jsonl"), str(root / "eval.jsonl"))
+    cache = Path(os.path.expanduser(task.cache_dir))
+    sft_root = cache / f"tiny_cpu-sft-{cache_key({**{k: getattr(task, k) for k in SFT_KEYS}, 'seed': seed})}"
+    root = cache / f"tiny_cpu-{cache_key({**asdict(task), 'seed': seed})}"
+    built = EmbeddedTask(str(sft_root / "sft"), str(root / "warmup"), str(root / "train.jsonl"), str(root / "eval.jsonl"))
     barrier()  # every rank sees the same cache state
-    if (root / "DONE").exists():
+    if (root / "DONE").exists() and (sft_root / "DONE").exists():
         console.log(f"embedded task: cached at {root}")
+        _log_stats(console, json.loads((root / "task_stats.json").read_text()))
         return built
     # Every rank trains (SFT and warm-up are data-parallel like the rest); rank 0 writes the files.
     started = time.perf_counter()
-    console.log(f"embedded task: building tokenizer, SFT model, offline pairs and DPO warm-up in {root}")
-    tmp = root.with_name(root.name + ".tmp")
-    if is_rank0():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-
+    console.log(f"embedded task: building offline pairs, DPO warm-up and task stats in {root}")
     tokenizer = toy_task.build_tokenizer()
     train_prompts = toy_task.make_prompts(task.num_train_pairs, seed)
     eval_prompts = toy_task.make_prompts(task.num_eval_prompts, seed + 1, exclude=set(train_prompts))
     sft_prompts = toy_task.make_prompts(task.sft_examples, seed + 2, exclude=set(train_prompts) | set(eval_prompts))
-    pairs = toy_task.offline_pairs(train_prompts, seed + 3)
-    if is_rank0():
-        _write_jsonl(tmp / "train.jsonl", [{"prompt_id": str(i), **p} for i, p in enumerate(pairs)])
-        _write_jsonl(tmp / "eval.jsonl", [{"prompt": p} for p in eval_prompts])
-
+    pairs = toy_task.offline_pairs(train_prompts, seed + 3, correct=task.offline_correct,
+                                   informative=task.offline_informative, shift=task.offline_shift)
     # Rows past the tokenizer's length are never used; rounding up lets tensor parallelism split the vocabulary.
     cfg = ModelConfig(vocab_size=-(-len(tokenizer) // 64) * 64, hidden_size=task.hidden_size, num_layers=task.num_layers,
                       num_attention_heads=task.num_attention_heads, num_query_groups=task.num_query_groups,
                       ffn_hidden_size=task.ffn_hidden_size, max_position_embeddings=128)
+    sft_weights = _sft_model(task, cfg, tokenizer, sft_prompts, seed, sft_root, console)
+
+    tmp = _start_building(root)
+    if is_rank0():
+        _write_jsonl(tmp / "train.jsonl", [{"prompt_id": str(i), **p} for i, p in enumerate(pairs)])
+        _write_jsonl(tmp / "eval.jsonl", [{"prompt": p} for p in eval_prompts])
+    warmed = _dpo_warmup(task, cfg, sft_weights, tokenizer, pairs, seed, console)
+    warm_weights = warmed.hf_state_dict()
+    stats = _task_stats(pairs[:STATS_PROMPTS], cfg, tokenizer, sft_weights, warmed, warm_weights, seed)
+    stats.update(pair_stats(pairs))
+    _log_stats(console, stats)
+    if is_rank0():
+        save_hf_checkpoint(tmp / "warmup", cfg, warm_weights, tokenizer)
+        (tmp / "task_stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True) + "\n")
+        _finish_building(tmp, root, started)
+    barrier()
+    console.log(f"embedded task: built in {time.perf_counter() - started:.1f} s")
+    return built
+
+
+def _sft_model(task, cfg, tokenizer, sft_prompts, seed, sft_root, console) -> dict[str, torch.Tensor]:
+    """The SFT model's weights (Hugging Face names): from ``sft_root`` when cached, else trained on
+    the demonstrator's responses and written there."""
+    if (sft_root / "DONE").exists():
+        console.log(f"embedded task: SFT model cached at {sft_root}")
+        return load_hf_checkpoint(sft_root / "sft")[1]
+    started = time.perf_counter()
+    tmp = _start_building(sft_root)
     torch.manual_seed(seed)
     policy = MegatronPolicy(cfg, None, pad_id=tokenizer.pad_token_id, optim=OptimConfig(
         lr=task.sft_lr, weight_decay=0.01, clip_grad=1.0, warmup_steps=max(1, task.sft_steps // 20),
         total_steps=task.sft_steps, min_lr_ratio=0.1))
     n_params = sum(p.numel() for p in policy.model.parameters())
-    console.log(f"embedded task: SFT of a {n_params / 1e6:.2f}M-parameter Llama (megatron-core) for {task.sft_steps} steps")
+    console.log(f"embedded task: SFT of a {n_params / 1e6:.2f}M-parameter Llama (megatron-core) for "
+                f"{task.sft_steps} steps in {sft_root}")
     demos = toy_task.sft_responses(sft_prompts, seed + 4)
     sequences = [(encode_prompt(tokenizer, p), encode_response(tokenizer, r)) for p, r in zip(sft_prompts, demos)]
     rng = random.Random(seed + 5)
@@ -92,26 +137,84 @@ def prepare_embedded_task(task: EmbeddedTaskConfig, seed: int, console: Console)
     weights = policy.hf_state_dict()
     if is_rank0():
         save_hf_checkpoint(tmp / "sft", cfg, weights, tokenizer)
-
-    warmed = _dpo_warmup(task, cfg, policy, tokenizer, pairs, seed, console)
-    weights = warmed.hf_state_dict()
-    if is_rank0():
-        save_hf_checkpoint(tmp / "warmup", cfg, weights, tokenizer)
-        (tmp / "DONE").write_text(f"built in {time.perf_counter() - started:.1f} s\n")
-        shutil.rmtree(root, ignore_errors=True)
-        tmp.rename(root)
+        _finish_building(tmp, sft_root, started)
     barrier()
-    console.log(f"embedded task: built in {time.perf_counter() - started:.1f} s")
-    return built
+    return weights
 
 
-def _dpo_warmup(task, cfg, sft_policy, tokenizer, pairs, seed, console) -> MegatronPolicy:
+def _start_building(root: Path) -> Path:
+    """An empty ``<root>.tmp`` to build into (rank 0 makes it; every rank waits for it)."""
+    tmp = root.with_name(root.name + ".tmp")
+    if is_rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    return tmp
+
+
+def _finish_building(tmp: Path, root: Path, started: float) -> None:
+    """Rank 0: mark ``tmp`` done and rename it to ``root`` (replacing an unfinished one)."""
+    (tmp / "DONE").write_text(f"built in {time.perf_counter() - started:.1f} s\n")
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)
+
+
+def pair_stats(pairs: list[dict[str, str]]) -> dict[str, float]:
+    """What the offline pairs are like: how often the chosen answer is right, the mean rewards,
+    and the mean count of inner whitespace characters per response (the spacing shift)."""
+    prompts = [p["prompt"] for p in pairs]
+    chosen = toy_task.reward(prompts, [p["chosen"] for p in pairs])
+    rejected = toy_task.reward(prompts, [p["rejected"] for p in pairs])
+    return {
+        "offline_chosen_right": sum(r == 1.0 for r in chosen) / len(pairs),
+        "offline_chosen_reward": statistics.mean(chosen),
+        "offline_rejected_reward": statistics.mean(rejected),
+        "offline_inner_spaces": statistics.fmean(_inner_spaces(p[k]) for p in pairs for k in ("chosen", "rejected")),
+    }
+
+
+def _inner_spaces(text: str) -> int:
+    return sum(char.isspace() for char in text.strip())
+
+
+def _task_stats(pairs, cfg, tokenizer, sft_weights, warmed, warm_weights, seed) -> dict[str, float]:
+    """The policies' own samples on the pairs' prompts against the offline chosen responses: their
+    rewards, and the off-policy measure, the mean per-token log-prob under the warm-up policy of
+    its own samples and of the offline chosen responses (eos included). Collective: ``score``."""
+    prompts = [p["prompt"] for p in pairs]
+    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
+    engine = TorchEngine(cfg, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    params = SamplingParams(num_samples=STATS_SAMPLES, temperature=1.0, max_new_tokens=STATS_MAX_NEW_TOKENS, seed=seed + 7)
+    stats = {"stats_prompts": len(prompts), "stats_samples_per_prompt": STATS_SAMPLES}
+    own = {}
+    for name, weights in (("sft", sft_weights), ("warmup", warm_weights)):
+        engine.refit(weights)
+        own[name] = [(ids, r) for ids, rs in zip(prompt_ids, engine.generate(prompt_ids, params)) for r in rs]
+        texts = [tokenizer.decode(r, skip_special_tokens=True) for _, r in own[name]]
+        stats[f"{name}_sample_reward"] = statistics.mean(toy_task.reward([p for p in prompts for _ in range(STATS_SAMPLES)], texts))
+        stats[f"{name}_sample_inner_spaces"] = statistics.fmean(_inner_spaces(t) for t in texts)
+    stats["warmup_logp_per_token_own"] = _mean_logp_per_token(warmed, own["warmup"])
+    chosen = [(ids, encode_response(tokenizer, p["chosen"])) for ids, p in zip(prompt_ids, pairs)]
+    stats["warmup_logp_per_token_offline_chosen"] = _mean_logp_per_token(warmed, chosen)
+    return stats
+
+
+def _mean_logp_per_token(policy: MegatronPolicy, sequences) -> float:
+    logps, ntoks = policy.score(sequences)
+    return float((logps / ntoks).mean())
+
+
+def _log_stats(console: Console, stats: dict[str, float]) -> None:
+    console.log("embedded task stats: " + ", ".join(
+        f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(stats.items())))
+
+
+def _dpo_warmup(task, cfg, sft_weights, tokenizer, pairs, seed, console) -> MegatronPolicy:
     """A DPO warm-up of the SFT model on the offline pairs; the frozen SFT weights are the reference."""
+    reference = MegatronPolicy(cfg, sft_weights, pad_id=tokenizer.pad_token_id)
     if task.warmup_dpo_steps == 0:
-        return sft_policy
-    weights = sft_policy.hf_state_dict()
-    reference = MegatronPolicy(cfg, weights, pad_id=tokenizer.pad_token_id)
-    policy = MegatronPolicy(cfg, weights, pad_id=tokenizer.pad_token_id,
+        return reference
+    policy = MegatronPolicy(cfg, sft_weights, pad_id=tokenizer.pad_token_id,
                             optim=OptimConfig(lr=task.warmup_dpo_lr, clip_grad=1.0))
     prompts = [encode_prompt(tokenizer, p["prompt"]) for p in pairs]
     chosen = [(q, encode_response(tokenizer, p["chosen"])) for q, p in zip(prompts, pairs)]

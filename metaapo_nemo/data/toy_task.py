@@ -6,23 +6,38 @@ the whole MetaAPO loop (SFT, DPO warm-up, online iterations) runs on a laptop CP
 
 - ``build_tokenizer``: a character-level tokenizer (one token per character, plus ``<pad>``,
   ``<bos>``, ``<eos>``, ``<unk>``) that saves and reloads as a Hugging Face tokenizer.
-- ``reward``: a programmatic reward model, ``1 - edit_distance / max(len(answer), len(response))``.
-  It is graded (one wrong letter of eight scores 0.875, a missing letter 0.875, the input copied
-  unreversed much less), so the best and worst of K samples differ and an online pair carries
-  information even when no sample is perfect.
+- ``reward``: a programmatic reward model, ``1 - edit_distance / max(len(answer), len(response))``
+  with all whitespace removed from the response first. It is graded (one wrong letter of eight
+  scores 0.875, a missing letter 0.875, the input copied unreversed much less), so the best and
+  worst of K samples differ and an online pair carries information even when no sample is perfect.
 - ``sft_responses``: a noisy demonstrator (right answers with random per-letter substitutions,
   deletions and insertions). A model fine-tuned on it imitates the noise: its samples at
   temperature 1 score well below 1 on average while the best of 8 is usually perfect, which is
   the room online preference optimisation has to improve the policy.
-- ``offline_pairs``: preference pairs from a *different* behaviour policy whose errors are
-  systematic (dropping the last letter, doubling a letter, swapping neighbours, rotating, copying
-  the input unreversed) and which is rarely perfect. The chosen answer is the better of two of its
-  samples, so offline pairs seldom show the policy the best answer and describe mistakes the policy
-  does not make. Offline DPO on them gains little or lowers the reward, while best/worst pairs of
-  the policy's own samples lift it: the gap MetaAPO's meta-learner learns to exploit by sending
-  the prompts whose offline pair is uninformative to online sampling.
+- ``offline_pairs``: preference pairs from a *different* behaviour policy; the chosen answer is
+  the better of two of its samples by reward. Three knobs (``task.offline_*``) set how good and
+  how off-policy the pairs are:
 
-Measured in a plain-torch prototype (HF Llama, 0.75M parameters, SFT as in ``sft_responses``;
+  - ``offline_correct`` (quality): the probability that one behaviour sample is the right answer.
+  - ``offline_informative`` (quality): the share of the behaviour's mistakes that are the
+    policy's own kind, one demonstrator error at one letter (edit distance 1 from the answer);
+    the others are systematic mistakes the policy does not make (dropping the last letter,
+    doubling a letter, swapping neighbours, rotating, copying the input unreversed).
+  - ``offline_shift`` (distribution shift): the probability that each gap between two letters of
+    a behaviour response holds a space (``dcba`` -> ``d cb a``). The reward ignores whitespace,
+    so the shift costs no reward, but the responses' token sequences are far from what the policy
+    writes (it never saw a space). Removing all whitespace instead of stripping the ends changed
+    no score of a response without inner whitespace.
+
+  ``offline_correct=0.04, offline_informative=0, offline_shift=0`` (EmbeddedTaskConfig's
+  defaults) give byte for byte the pairs of the task before these knobs: chosen answers right
+  only ~11% of the time and showing mistakes the policy does not make, on-policy spacing. Offline
+  DPO on them gains little or lowers the reward, while best/worst pairs of the policy's own
+  samples lift it, the opposite of the paper's premise. Recipe ``tiny_cpu`` sets the paper's
+  regime instead, high-quality but off-policy offline data against on-policy but weaker samples
+  of the policy (see recipes/tiny_cpu.py for the values and what they measured).
+
+Measured on the legacy pairs in a plain-torch prototype (HF Llama, 0.75M parameters, SFT as in ``sft_responses``;
 DPO beta 0.1, lr 5e-5, 60 steps of 32 prompts): held-out mean sampled reward went 0.80 -> 0.75
 with offline DPO (answers grew longer) and 0.80 -> 0.86 with online DPO on best/worst of 8.
 """
@@ -110,8 +125,9 @@ def reward(prompts: list[str], responses: list[str]) -> list[float]:
     """Score each response in [0, 1]: ``1 - edit_distance(response, answer) / max(lengths)``.
 
     1.0 exactly for the right answer; each wrong, missing or extra letter costs about one letter's
-    share, and a response much longer than the answer tends to 0. Surrounding whitespace in the
-    response is ignored.
+    share, and a response much longer than the answer tends to 0. All whitespace in the response
+    is ignored (``"d cb a"`` scores as ``"dcba"``), so the offline pairs' spacing shift costs no
+    reward; a response without inner whitespace scores as it did when only its ends were stripped.
     """
     if len(prompts) != len(responses):
         raise ValueError(
@@ -119,26 +135,25 @@ def reward(prompts: list[str], responses: list[str]) -> list[float]:
         )
     scores = []
     for prompt, response in zip(prompts, responses):
-        target, response = answer(prompt), response.strip()
+        target, response = answer(prompt), "".join(response.split())
         longest = max(len(target), len(response))
         scores.append(1.0 if longest == 0 else 1.0 - _edit_distance(response, target) / longest)
     return scores
 
 
+def _one_letter_error(char: str, rng: random.Random) -> str:
+    """What ``char`` becomes under one demonstrator error: replaced (60%), dropped (20%) or followed
+    by an extra random letter (20%)."""
+    kind = rng.random()
+    if kind < 0.6:
+        return rng.choice(LETTERS.replace(char, ""))
+    return "" if kind < 0.8 else char + rng.choice(LETTERS)
+
+
 def _noisy(target: str, rng: random.Random, noise: float) -> str:
     """The demonstrator's answer: each letter independently kept, or with probability ``noise``
-    replaced (60%), dropped (20%) or followed by an extra random letter (20%)."""
-    out = []
-    for char in target:
-        if rng.random() >= noise:
-            out.append(char)
-            continue
-        kind = rng.random()
-        if kind < 0.6:
-            out.append(rng.choice(LETTERS.replace(char, "")))
-        elif kind >= 0.8:
-            out.extend((char, rng.choice(LETTERS)))
-    return "".join(out)
+    given one ``_one_letter_error``."""
+    return "".join(_one_letter_error(char, rng) if rng.random() < noise else char for char in target)
 
 
 def sft_responses(prompts: list[str], seed: int, noise: float = 0.15) -> list[str]:
@@ -153,12 +168,15 @@ def sft_responses(prompts: list[str], seed: int, noise: float = 0.15) -> list[st
     return [_noisy(answer(prompt), rng, noise) for prompt in prompts]
 
 
-def _behaviour_response(letters: str, rng: random.Random) -> str:
-    """One sample of the offline behaviour policy: the right answer with probability 0.04, else
-    one of its systematic mistakes (each drawn so that it really changes the answer)."""
-    target = letters[::-1]
-    if rng.random() < 0.04:
-        return target
+def _informative_mistake(target: str, rng: random.Random) -> str:
+    """A mistake of the policy's own kind: one demonstrator error (``_one_letter_error``) at one
+    position, so exactly one edit from the right answer."""
+    position = rng.randrange(len(target))
+    return target[:position] + _one_letter_error(target[position], rng) + target[position + 1 :]
+
+
+def _systematic_mistake(target: str, letters: str, rng: random.Random) -> str:
+    """One of the behaviour policy's own mistakes, drawn so that it really changes the answer."""
     position = rng.randrange(len(target))
     swaps = [i for i in range(len(target) - 1) if target[i] != target[i + 1]]
     mistakes = {
@@ -175,22 +193,54 @@ def _behaviour_response(letters: str, rng: random.Random) -> str:
     return rng.choices(texts, weights=weights)[0]
 
 
-def offline_pairs(prompts: list[str], seed: int) -> list[dict[str, str]]:
+def _behaviour_response(letters: str, rng: random.Random, informative_rng: random.Random,
+                        correct: float, informative: float) -> str:
+    """One sample of the offline behaviour policy: the right answer with probability ``correct``,
+    else an informative mistake with probability ``informative``, else a systematic one.
+    ``informative_rng`` is drawn from only when ``informative > 0``, so ``rng`` alone decides the
+    legacy behaviour."""
+    target = letters[::-1]
+    if rng.random() < correct:
+        return target
+    if informative > 0 and informative_rng.random() < informative:
+        return _informative_mistake(target, informative_rng)
+    return _systematic_mistake(target, letters, rng)
+
+
+def _spaced(text: str, rng: random.Random, shift: float) -> str:
+    """``text`` with a space in each gap between two letters with probability ``shift``."""
+    if shift == 0:
+        return text
+    return text[:1] + "".join((" " if rng.random() < shift else "") + char for char in text[1:])
+
+
+def offline_pairs(prompts: list[str], seed: int, correct: float = 0.04, informative: float = 0.0,
+                  shift: float = 0.0) -> list[dict[str, str]]:
     """Offline preference pairs ``{"prompt", "chosen", "rejected"}`` from the behaviour policy.
 
     Two behaviour samples are drawn per prompt until their rewards differ (a palindrome prompt,
     where every mistake may tie, gets at most 100 draws and then keeps a tied pair); the higher
-    reward is chosen.
+    reward is chosen. Then both responses get spaces at rate ``shift`` (``_spaced``), which the
+    reward ignores. ``correct``, ``informative`` and ``shift`` are ``task.offline_correct``,
+    ``task.offline_informative`` and ``task.offline_shift`` (see the module docstring); the
+    informative mistakes and the spaces come from their own random streams, so the defaults give
+    exactly the pairs of the version before these knobs.
     """
+    for key, value in (("task.offline_correct", correct), ("task.offline_informative", informative),
+                       ("task.offline_shift", shift)):
+        if not 0 <= value <= 1:
+            raise ValueError(f"{key}={value}: it is a probability, give a value in [0, 1]")
     rng = random.Random(seed)
+    informative_rng, shift_rng = random.Random(f"{seed}:informative"), random.Random(f"{seed}:shift")
     pairs = []
     for prompt in prompts:
         letters = answer(prompt)[::-1]
         for _ in range(100):
-            first, second = _behaviour_response(letters, rng), _behaviour_response(letters, rng)
+            first, second = (_behaviour_response(letters, rng, informative_rng, correct, informative) for _ in range(2))
             first_reward, second_reward = reward([prompt, prompt], [first, second])
             if first_reward != second_reward:
                 break
         chosen, rejected = (first, second) if first_reward >= second_reward else (second, first)
-        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        pairs.append({"prompt": prompt, "chosen": _spaced(chosen, shift_rng, shift),
+                      "rejected": _spaced(rejected, shift_rng, shift)})
     return pairs

@@ -23,13 +23,12 @@ def test_best_worst_rejects_empty_or_non_finite_rewards(rewards):
 
 
 def test_online_pair_is_best_and_worst_response():
-    pair = build_online_pair(["a", "b", "c"], [0.2, 1.5, -0.7], keep_ties=False)
-    assert pair == ("b", "c", 1.5, -0.7)
+    assert build_online_pair(["a", "b", "c"], [0.2, 1.5, -0.7], keep_ties=False) == (("b", "c", 1.5, -0.7), False)
 
 
-def test_online_pair_tie_is_dropped_or_kept_by_config():
-    assert build_online_pair(["a", "b", "c"], [1.0, 1.0, 1.0], keep_ties=False) is None
-    assert build_online_pair(["a", "b", "c"], [1.0, 1.0, 1.0], keep_ties=True) == ("a", "c", 1.0, 1.0)
+def test_online_pair_tie_is_reported_and_dropped_or_kept_by_config():
+    assert build_online_pair(["a", "b", "c"], [1.0, 1.0, 1.0], keep_ties=False) == (None, True)
+    assert build_online_pair(["a", "b", "c"], [1.0, 1.0, 1.0], keep_ties=True) == (("a", "c", 1.0, 1.0), True)
 
 
 def test_online_pair_needs_one_reward_per_response():
@@ -39,12 +38,21 @@ def test_online_pair_needs_one_reward_per_response():
 
 def test_selm_pair_ranks_samples_together_with_offline_responses():
     # Offline chosen beats every sample; the worst sample is below the offline rejected.
-    pair = build_selm_pair(["a", "b"], [0.5, -2.0], "off_w", "off_l", 1.0, -1.0)
-    assert pair == ("off_w", "b", 1.0, -2.0)
+    pair = build_selm_pair(["a", "b"], [0.5, -2.0], "off_w", "off_l", 1.0, -1.0, keep_ties=False)
+    assert pair == (("off_w", "b", 1.0, -2.0), False)
     # A sample beats the offline chosen; offline rejected is the worst.
-    assert build_selm_pair(["a", "b"], [3.0, 0.0], "off_w", "off_l", 1.0, -1.0) == ("a", "off_l", 3.0, -1.0)
+    assert build_selm_pair(["a", "b"], [3.0, 0.0], "off_w", "off_l", 1.0, -1.0, keep_ties=False) == \
+        (("a", "off_l", 3.0, -1.0), False)
 
 
-def test_selm_tie_over_all_responses_is_dropped_or_keeps_offline_pair():
-    assert build_selm_pair(["a"], [0.0], "w", "l", 0.0, 0.0) is None
-    assert build_selm_pair(["a"], [0.0], "w", "l", 0.0, 0.0, keep_ties=True) == ("w", "l", 0.0, 0.0)
+def test_selm_tie_over_all_responses_is_reported_and_dropped_or_keeps_offline_pair():
+    assert build_selm_pair(["a", "b"], [0.0, 0.0], "w", "l", 0.0, 0.0, keep_ties=False) == (None, True)
+    assert build_selm_pair(["a", "b"], [0.0, 0.0], "w", "l", 0.0, 0.0, keep_ties=True) == (("w", "l", 0.0, 0.0), True)
+
+
+@pytest.mark.parametrize("keep_ties", [False, True])
+def test_selm_samples_that_tie_beside_unequal_offline_rewards_are_no_tie(keep_ties):
+    # The K samples agree, but the pool of K + 2 does not: a pair, and no tie to count.
+    pair = build_selm_pair(["a", "b", "c"], [0.5, 0.5, 0.5], "w", "l", 0.9, 0.1, keep_ties=keep_ties)
+    assert pair == (("w", "l", 0.9, 0.1), False)
+    assert build_selm_pair(["a", "b"], [0.5, 0.5], "w", "l", 0.5, 0.1, keep_ties=keep_ties) == (("a", "l", 0.5, 0.1), False)

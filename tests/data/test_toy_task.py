@@ -1,3 +1,6 @@
+import hashlib
+import json
+import math
 import re
 import statistics
 
@@ -87,3 +90,80 @@ def test_offline_pairs_prefer_the_better_answer_but_rarely_the_perfect_one():
     assert sum(score == 1.0 for score in chosen) / len(chosen) < 0.15
     assert 0.78 <= statistics.mean(chosen) <= 0.88
     assert 0.5 <= statistics.mean(rejected) <= 0.6
+
+
+# offline_pairs(make_prompts(2000, seed=0), seed=2) computed before the offline_* knobs existed.
+LEGACY_PAIRS_SHA256 = "1efcd64ffcc45954fa140d0cc87b8e6992ada6a8d546c2b06f420d9029f482d1"
+LEGACY_FIRST_PAIRS = [
+    {"prompt": "rev:gaehgeh=", "chosen": "heghea", "rejected": "heghega"},
+    {"prompt": "rev:dcecbe=", "chosen": "ebcecd", "rejected": "ebcec"},
+    {"prompt": "rev:cebbfhbf=", "chosen": "fbhfbbeec", "rejected": "fbhfbebc"},
+    {"prompt": "rev:fdhheaa=", "chosen": "aaaehhdf", "rejected": "aaehhfd"},
+    {"prompt": "rev:gahf=", "chosen": "fha", "rejected": "gahf"},
+]
+
+
+def _sha256(pairs):
+    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
+
+
+def _right_share(pairs):
+    return statistics.mean(pair["chosen"] == toy_task.answer(pair["prompt"]) for pair in pairs)
+
+
+def test_legacy_knobs_reproduce_the_pairs_of_the_version_before_them_byte_for_byte():
+    prompts = make_prompts(2000, seed=0)
+    explicit = offline_pairs(prompts, seed=2, correct=0.04, informative=0.0, shift=0.0)
+    assert explicit[:5] == LEGACY_FIRST_PAIRS
+    assert _sha256(explicit) == _sha256(offline_pairs(prompts, seed=2)) == LEGACY_PAIRS_SHA256
+
+
+def test_reward_ignores_all_whitespace_in_the_response():
+    prompt = "rev:abcd="
+    assert reward([prompt] * 4, ["d cb a", "d\tc b\na ", "dc  ba", "d cb b"]) == [1.0, 1.0, 1.0, 0.75]
+
+
+def test_informative_mistakes_are_one_letter_edits_of_every_kind():
+    prompts = make_prompts(500, seed=0)
+    pairs = offline_pairs(prompts, seed=2, correct=0.0, informative=1.0)
+    responses = [(toy_task.answer(pair["prompt"]), pair[k]) for pair in pairs for k in ("chosen", "rejected")]
+    assert all(toy_task._edit_distance(target, response) == 1 for target, response in responses)
+    # substitutions keep the length, deletions and insertions change it by one
+    assert {len(response) - len(target) for target, response in responses} == {-1, 0, 1}
+
+
+def test_share_of_right_chosen_answers_follows_offline_correct():
+    """With every mistake one edit away (informative=1), a substitution or deletion scores
+    1 - 1/L and an insertion 1 - 1/(L+1), so two mistakes differ with d = 2 * 0.2 * 0.8 = 0.32.
+    Tied draws (two right answers among them) are redrawn, so the chosen answer is right with
+    2q(1-q) / (2q(1-q) + d(1-q)^2) = 2q / (2q + d(1-q)), below 1-(1-q)^2 (which would count the
+    both-right draws). 4 binomial standard deviations over 4000 prompts: at most 0.032."""
+    prompts = make_prompts(4000, seed=0)
+    for q in (0.1, 0.3, 0.6):
+        expected = 2 * q / (2 * q + 0.32 * (1 - q))
+        tolerance = 4 * math.sqrt(expected * (1 - expected) / len(prompts))
+        assert abs(_right_share(offline_pairs(prompts, seed=2, correct=q, informative=1.0)) - expected) <= tolerance
+    # With systematic mistakes d <= 1, so the share is at least 2q / (1 + q), and it grows with q.
+    shares = [_right_share(offline_pairs(prompts, seed=2, correct=q)) for q in (0.04, 0.3, 0.6)]
+    assert shares == sorted(shares)
+    assert all(share >= 2 * q / (1 + q) - 0.03 for q, share in zip((0.04, 0.3, 0.6), shares))
+
+
+def test_offline_shift_spaces_the_gaps_and_changes_nothing_else():
+    prompts = make_prompts(1000, seed=0)
+    legacy = offline_pairs(prompts, seed=2)
+    assert not any(" " in pair[k] for pair in offline_pairs(prompts, seed=2, shift=0.0) for k in ("chosen", "rejected"))
+    for pair, old in zip(offline_pairs(prompts, seed=2, shift=1.0), legacy):
+        assert (pair["chosen"], pair["rejected"]) == (" ".join(old["chosen"]), " ".join(old["rejected"]))
+    half = offline_pairs(prompts, seed=2, shift=0.5)
+    assert [{k: v.replace(" ", "") for k, v in pair.items()} for pair in half] == legacy
+    gaps = sum(len(old[k]) - 1 for old in legacy for k in ("chosen", "rejected"))
+    spaces = sum(pair[k].count(" ") for pair in half for k in ("chosen", "rejected"))
+    assert abs(spaces / gaps - 0.5) <= 4 * math.sqrt(0.25 / gaps)
+
+
+def test_offline_knobs_outside_zero_to_one_are_refused_by_their_key():
+    with pytest.raises(ValueError, match="task.offline_shift=1.5"):
+        offline_pairs(["rev:ab="], seed=0, shift=1.5)
+    with pytest.raises(ValueError, match="task.offline_correct=-0.1"):
+        offline_pairs(["rev:ab="], seed=0, correct=-0.1)
