@@ -152,7 +152,7 @@ def fmt_opt(value: float | None, spec: str) -> str:
 
 
 COLUMNS = ["method", "held-out reward", "gain over start", f"vs {BASELINE} (paired)", "win rate vs start",
-           "annot. ratio", "opt. steps", "meta updates", "decisions changed by meta",
+           "annot. ratio", "opt. steps", "meta updates", "share of decisions changed by meta",
            "scoring s", "sampling s", "annotation s", "training s", "total s"]
 
 
@@ -177,7 +177,7 @@ def table_rows(rows: list[dict], methods: list[str]) -> list[list[str]]:
         lines.append([method + ("" if len(mine) > 1 else " (1 seed)"), fmt_ci(*reward[:2]), fmt_ci(*gain[:2], signed=True),
                       paired, fmt_opt(mean_of(mine, "win_rate_vs_start"), ".3f"), fmt_opt(mean_of(mine, "annotation_ratio"), ".3f"),
                       fmt_opt(mean_of(mine, "optimizer_steps"), ".1f"), fmt_opt(mean_of(mine, "meta_updates"), ".1f"),
-                      fmt_opt(mean_of(mine, "decisions_changed_by_meta"), ".1f"),
+                      fmt_opt(mean_of(mine, "decisions_changed_by_meta"), ".3f"),
                       *[f"{p:.1f}" for p in phases], f"{total:.1f}"])
     return lines
 

@@ -72,10 +72,10 @@ def test_collapse_counts_each_run_once():
 
 
 def test_win_rate_and_new_keys_print_na_when_missing():
-    rows = [_row("metaapo", 1, 0.8, win_rate_vs_start=0.6, decisions_changed_by_meta=[3, 4]),
-            _row("metaapo", 2, 0.9, win_rate_vs_start=0.7, decisions_changed_by_meta=[1, 2])]
+    rows = [_row("metaapo", 1, 0.8, win_rate_vs_start=0.6, decisions_changed_by_meta=[0.3, 0.4]),
+            _row("metaapo", 2, 0.9, win_rate_vs_start=0.7, decisions_changed_by_meta=[0.1, 0.2])]
     assert pt.mean_of(rows, "win_rate_vs_start") == pytest.approx(0.65)
-    assert pt.mean_of(rows, "decisions_changed_by_meta") == pytest.approx(5.0)  # per-iteration lists summed
+    assert pt.mean_of(rows, "decisions_changed_by_meta") == pytest.approx(0.5)  # per-iteration lists summed
     assert pt.mean_of([_row("dpo", 1, 0.7)], "win_rate_vs_start") is None
     assert pt.mean_of(rows + [_row("metaapo", 3, 0.7)], "win_rate_vs_start") is None  # one seed lacks it: n/a
 
