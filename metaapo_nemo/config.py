@@ -7,6 +7,7 @@ before anything heavy starts and says what to change.
 
 import ast
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -35,6 +36,13 @@ class ReferenceConfig:
     # and summary.json, since with a warm-up as the policy that flattens iteration 1's scores.
     hf_path: Optional[str] = None
     roll_forward: bool = False  # True: reference := current policy at each iteration start (reference code); paper text: off
+    # Where the reference's log-probs of the offline pairs are cached (models/reference_cache.py):
+    # computed once for the whole data set, keyed by the reference checkpoint's content, the pairs'
+    # token ids and policy.bf16 (not output_dir, seed or algo.name), so every iteration, resumed run
+    # and ablation on the same data and reference reads them. "auto": <task.cache_dir>/reference_logps
+    # (~/.cache/metaapo_nemo/reference_logps unless task.cache_dir is set); "" or None: off, the
+    # reference scores each iteration's slice, as it must under roll_forward (which never caches).
+    logp_cache_dir: Optional[str] = "auto"
 
 
 @dataclass
@@ -170,11 +178,24 @@ class EmbeddedTaskConfig:
     offline_correct: float = 0.04  # probability that one behaviour sample is the right answer
     offline_informative: float = 0.0  # share of behaviour mistakes that are one-letter errors (the policy's kind)
     offline_shift: float = 0.0  # probability of a space in each gap between two letters of a behaviour response
+    # Letters per prompt, uniform in [min_letters, max_letters]; a response is its letters reversed
+    # plus eos, a prompt <bos>rev:<letters>= (letters + 6 tokens). The defaults are the task before
+    # these keys, byte for byte (and its cache keys); responses of 64+ tokens, the generation-heavy
+    # variant of benchmarks/metaapo_cost.py, take e.g. 64 and 80 with policy.max_prompt_length,
+    # policy.max_length and rollout.max_new_tokens raised to fit (validate() says by how much).
+    min_letters: int = 4
+    max_letters: int = 8
     hidden_size: int = 128
     num_layers: int = 4
     num_attention_heads: int = 4
     num_query_groups: int = 2
     ffn_hidden_size: int = 352
+
+    @property
+    def max_position_embeddings(self) -> int:
+        """The embedded model's position limit: 128 for the default letters (what it always was),
+        room for a longest prompt and a generous response beyond; RoPE, so no weight depends on it."""
+        return max(128, 2 * self.max_letters + 32)
 
 
 @dataclass
@@ -279,6 +300,13 @@ class MetaAPOConfig:
                 problems.append(f"{key}={value!r}: must be > 0 seconds")
         if not (isinstance(r.max_retries, int) and r.max_retries >= 0):
             problems.append(f"reward.max_retries={r.max_retries!r}: must be an integer >= 0")
+        cache_dir = self.reference.logp_cache_dir
+        if not (cache_dir is None or isinstance(cache_dir, str)):
+            problems.append(f"reference.logp_cache_dir={cache_dir!r}: a folder, 'auto' (<task.cache_dir>/reference_logps) "
+                            "or '' / None (no cache)")
+        elif cache_dir and cache_dir != "auto" and os.path.exists(os.path.expanduser(cache_dir)) \
+                and not os.path.isdir(os.path.expanduser(cache_dir)):
+            problems.append(f"reference.logp_cache_dir={cache_dir}: a file, not a folder; give a folder, 'auto' or '' (no cache)")
         if not isinstance(t.use_distributed_optimizer, bool):
             problems.append(f"trainer.use_distributed_optimizer={t.use_distributed_optimizer!r}: use true or false")
         if not 0 < self.rollout.top_p <= 1:
@@ -292,6 +320,8 @@ class MetaAPOConfig:
                 problems.append(f"rollout.engine=trtllm: {reason}")
         elif self.rollout.engine != "torch":
             problems.append(f"rollout.engine={self.rollout.engine!r}: use 'torch' or 'trtllm'")
+        if self.task.enabled:
+            problems += _embedded_task_problems(self)
         if not self.task.enabled:
             if self.policy.hf_path is None:
                 problems.append("policy.hf_path is not set: give a Hugging Face checkpoint folder (or use --recipe tiny_cpu)")
@@ -304,8 +334,41 @@ class MetaAPOConfig:
         if problems:
             raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
 
+    def reference_logp_cache_dir(self) -> str | None:
+        """The folder reference.logp_cache_dir names ("auto" resolved), or None when the cache is off."""
+        cache_dir = self.reference.logp_cache_dir
+        if not cache_dir:
+            return None
+        if cache_dir == "auto":
+            return os.path.join(os.path.expanduser(self.task.cache_dir), "reference_logps")
+        return os.path.expanduser(cache_dir)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _embedded_task_problems(c: MetaAPOConfig) -> list[str]:
+    """What the embedded task's letter range needs of the length limits (toy_task.make_prompts)."""
+    task = c.task
+    if not (isinstance(task.min_letters, int) and isinstance(task.max_letters, int)
+            and 1 <= task.min_letters <= task.max_letters):
+        return [f"task.min_letters={task.min_letters!r}, task.max_letters={task.max_letters!r}: letters per prompt, "
+                "integers with 1 <= task.min_letters <= task.max_letters"]
+    problems, prompt, response = [], task.max_letters + 6, task.max_letters + 1  # <bos>rev:...= and letters + eos
+    if c.policy.max_prompt_length < prompt:
+        problems.append(f"task.max_letters={task.max_letters} makes prompts of up to {prompt} tokens: raise "
+                        f"policy.max_prompt_length={c.policy.max_prompt_length} to at least {prompt}")
+    if c.policy.max_length < prompt + response:
+        problems.append(f"task.max_letters={task.max_letters} makes prompt + answer up to {prompt + response} tokens: "
+                        f"raise policy.max_length={c.policy.max_length} to at least {prompt + response}")
+    if isinstance(c.rollout.max_new_tokens, int) and c.rollout.max_new_tokens < response:
+        problems.append(f"task.max_letters={task.max_letters} needs answers of up to {response} tokens (eos included): "
+                        f"raise rollout.max_new_tokens={c.rollout.max_new_tokens} to at least {response}")
+    elif isinstance(c.rollout.max_new_tokens, int) and prompt + c.rollout.max_new_tokens > task.max_position_embeddings:
+        problems.append(f"a {prompt}-token prompt and rollout.max_new_tokens={c.rollout.max_new_tokens} exceed the "
+                        f"embedded model's {task.max_position_embeddings} positions (2 x task.max_letters + 32): lower "
+                        f"rollout.max_new_tokens to at most {task.max_position_embeddings - prompt}")
+    return problems
 
 
 # The environment variable that carries the reward server's bearer token (to the server, and to the

@@ -48,6 +48,22 @@ def test_validation_says_what_to_change(override, message):
         config.validate()
 
 
+def test_the_reference_logp_cache_sits_under_the_task_cache_by_default_and_is_off_when_empty(tmp_path):
+    config = get_recipe("tiny_cpu")
+    apply_overrides(config, [f"task.cache_dir={tmp_path}"])
+    assert config.reference.logp_cache_dir == "auto"
+    assert config.reference_logp_cache_dir() == str(tmp_path / "reference_logps")
+    for off in ("reference.logp_cache_dir=", "reference.logp_cache_dir=null"):
+        apply_overrides(config, [off])
+        config.validate()
+        assert config.reference_logp_cache_dir() is None
+    (tmp_path / "a_file").write_text("")
+    for value, message in ((tmp_path / "a_file", "a file, not a folder"), (3, "reference.logp_cache_dir=3: a folder")):
+        apply_overrides(config, [f"reference.logp_cache_dir={value}"])
+        with pytest.raises(ConfigError, match=message):
+            config.validate()
+
+
 def test_bring_your_own_run_requires_checkpoint_data_and_reward():
     with pytest.raises(ConfigError) as info:
         MetaAPOConfig().validate()

@@ -1,7 +1,8 @@
 """Algorithm 1 of MetaAPO, top to bottom, phase by phase.
 
 For each of N sequential slices of the offline data:
-  1. score the slice with the policy and the frozen reference (reference log-probs cached);
+  1. score the slice with the policy and the frozen reference (the reference's log-probs of the
+     whole offline set computed once and cached on disk, models/reference_cache.py);
   2. w = h_phi(offline score); a prompt gets online samples iff its seeded draw u > w;
   3. refit the rollout engine from the policy and generate K responses per selected prompt;
   4. score the responses with the reward-model server; 5. best/worst -> online pair;
@@ -58,6 +59,16 @@ class TrainingDiverged(ConfigError):
 # run again (a Slurm job script requeues itself when it finds it); the next run removes it.
 REQUEUE_MARKER = "requeue"
 CHECKPOINT_NAME = re.compile(r"iter_\d+(_annotated|_step_\d+)?")
+# What summary.json's `tokens` and `tokens_per_second` count, written beside them so that a
+# comparison with another trainer's tokens/s (TRL's count padding) compares like with like.
+TOKEN_COUNTS = {
+    "training": "tokens the policy computed on: every response token (eos included) of the offline and online chosen "
+                "and rejected responses trained on, plus each prompt once per micro-batch (its responses are packed "
+                "into one row behind it); padding excluded; over seconds.training (forward, backward and optimizer "
+                "step; the reference log-probs are in seconds.scoring)",
+    "generation": "new tokens of the K samples per annotated prompt, eos included; prompts, padding, evaluation and "
+                  "probe samples excluded; over seconds.sampling (refit excluded)",
+}
 REFERENCE_UNSET = ("reference.hf_path is not set: the reference is the policy's start (policy.hf_path). With a DPO "
                    "warm-up as the policy (the paper's start) every iteration-1 offline score is log sigmoid(0) = "
                    "-0.693 and the sampling decision is uniform; set reference.hf_path to the SFT model")
@@ -88,8 +99,9 @@ class RunState:
     meta_updates: int = 0
     reward_initial: float | None = None
     rewards: list = field(default_factory=list)  # held-out reward after each iteration
-    seconds: dict = field(default_factory=lambda: dict(prepare=0.0, scoring=0.0, sampling=0.0, annotation=0.0,
-                                                       training=0.0, evaluation=0.0, meta=0.0, probe=0.0))
+    seconds: dict = field(default_factory=lambda: dict(prepare=0.0, reference=0.0, scoring=0.0, sampling=0.0,
+                                                       annotation=0.0, training=0.0, evaluation=0.0, meta=0.0,
+                                                       probe=0.0))
     train_tokens: int = 0
     generated_tokens: int = 0
     skipped_steps: int = 0  # optimiser steps skipped for a NaN or inf loss or gradient
@@ -214,7 +226,7 @@ class MetaAPORun:
         self.eval_ids = [eval_ids[i][-c.policy.max_prompt_length:] for i in keep]
         skipped, eval_skipped = inputs.skipped + long_skipped, inputs.eval_skipped + len(eval_ids) - len(keep)
         model_cfg, policy_weights = load_hf_checkpoint(c.policy.hf_path)
-        ref_path = c.reference.hf_path or c.policy.hf_path
+        ref_path = self.ref_path = c.reference.hf_path or c.policy.hf_path
         ref_cfg, ref_weights = (model_cfg, policy_weights) if ref_path == c.policy.hf_path else load_hf_checkpoint(ref_path)
         if ref_cfg != model_cfg:
             raise ConfigError(f"reference.hf_path={ref_path} has a different architecture from policy.hf_path="
@@ -232,6 +244,8 @@ class MetaAPORun:
         self.reference = (MegatronPolicy(model_cfg, ref_weights, pad_id=self.tokenizer.pad_token_id, precision=precision)
                           if self.objective.needs_reference else None)
         del policy_weights, ref_weights
+        self.offline_ref = None  # the reference log-probs of every offline pair, once looked up (_offline_reference_logps)
+        self._offline_ref_looked_up = False
         self.meta = MetaLearner()
         self.meta_optimizer = make_meta_optimizer(self.meta, lr=c.algo.meta_lr, weight_decay=c.algo.meta_weight_decay)
         self.meta_buffer = MetaBuffer()
@@ -427,11 +441,16 @@ class MetaAPORun:
         if c.reference.roll_forward and t > 0 and self.reference is not None:
             self.reference.load_hf_state_dict(self.policy.hf_state_dict())
 
-        # 1. Score the slice: reference log-probs once per iteration, cached for training.
+        # 1. Score the slice: the reference's log-probs come from the whole data set's, computed once
+        # (and cached on disk for later runs), and are kept for training.
+        needs_ref_off = self.reference is not None and (strategy.needs_offline_score or strategy.trains_offline_pairs)
+        cached = self._offline_reference_logps() if needs_ref_off else None
         started = time.perf_counter()
         offline = [(e.prompt, e.chosen) for e in examples] + [(e.prompt, e.rejected) for e in examples]
         n = len(examples)
-        ref_off = self._reference_logps(offline) if strategy.needs_offline_score or strategy.trains_offline_pairs else None
+        ref_off = None
+        if needs_ref_off:
+            ref_off = cached.rows(self.slices[t]) if cached is not None else self._reference_logps(offline)
         score_off = loss_off = w = None
         if strategy.needs_offline_score:
             pol, ntok = self.policy.score(offline)
@@ -482,6 +501,35 @@ class MetaAPORun:
         if self.reference is None:
             return None
         return self.reference.score(sequences)
+
+    def _offline_reference_logps(self):
+        """The reference's log-probs of every offline pair (models/reference_cache.py), looked up at the
+        first iteration that needs them and kept for the run: read from reference.logp_cache_dir when
+        an earlier run with the same reference and data wrote them, else computed for the whole data
+        set at once and written there. Timed as seconds["reference"]. None, and every slice scored
+        by the reference in its iteration, when the reference changes (reference.roll_forward), the
+        cache is off, or the reference has no checkpoint folder to key it by. Collective."""
+        c = self.config
+        cache_dir = c.reference_logp_cache_dir()
+        if self._offline_ref_looked_up or c.reference.roll_forward or cache_dir is None:
+            return self.offline_ref
+        from metaapo_nemo.models.reference_cache import offline_reference_logps
+
+        started = time.perf_counter()
+        self.offline_ref = offline_reference_logps(self.reference, self.ref_path,
+                                                   [(e.prompt, e.chosen, e.rejected) for e in self.examples], cache_dir,
+                                                   "bf16" if c.policy.bf16 else "fp32", log=self.console.log)
+        self._offline_ref_looked_up = True
+        seconds = time.perf_counter() - started
+        self.state.seconds["reference"] = self.state.seconds.get("reference", 0.0) + seconds
+        r = self.offline_ref
+        if r is None:
+            self.console.log(f"reference log-probs: {self.ref_path} is no checkpoint folder to key a cache by; "
+                             "scoring each iteration's slice")
+        else:
+            how = "read from" if r.read else "computed and cached in" if r.written else "computed, not cached in"
+            self.console.log(f"reference log-probs of {len(self.examples)} offline pairs: {how} {r.path} ({seconds:.1f} s)")
+        return r
 
     def _potential_gain(self, t: int, examples: list[Example], score_off, u, selected: list, online: dict, ref_on) -> None:
         """Paper Figure 2 (middle): the potential online gain l_on - l_off of a prompt, both scores
@@ -793,7 +841,9 @@ class MetaAPORun:
                                   if s.rewards and s.prompt_rewards_initial else None),
             "probe_annotations": s.probe_annotations,
             "tokens_per_second": {"training": s.train_tokens / max(1e-9, s.seconds["training"]),
-                                  "generation": s.generated_tokens / max(1e-9, s.seconds["sampling"])},
+                                  "generation": s.generated_tokens / max(1e-9, s.seconds["sampling"]),
+                                  "counts": TOKEN_COUNTS},
+            "tokens": {"training": s.train_tokens, "generation": s.generated_tokens},
             "parallel": {"ranks": world_size(), "tensor": c.trainer.tensor_model_parallel_size,
                          "pipeline": c.trainer.pipeline_model_parallel_size, "data": data_parallel_size()},
             "output_dir": str(self.out), "final_checkpoint": str(self.out / "final"),

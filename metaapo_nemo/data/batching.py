@@ -1,11 +1,14 @@
 """Tokenizing prompts and responses, truncating them, and padding them into a batch.
 
 A sequence is ``prompt_ids + response_ids``; the sequence log-prob log pi(y|x) counts the response
-tokens only, so a batch keeps where each prompt ends (``prompt_lens``) and where each sequence
-ends (``lengths``). Batches are right-padded, which lets attention run causal without a mask.
+tokens only. The sequences of a batch that share a prompt (a pair's chosen and rejected, an item's
+offline and online responses) share one row: the prompt once, then each response, kept apart by an
+attention mask (ECOSYSTEM.md, speed levers: the prompt computed once). Rows are right-padded, and
+a batch whose rows each hold one response needs no mask at all: causal attention keeps every real
+token from seeing the padding that follows it.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -58,28 +61,83 @@ def truncate(
 
 @dataclass
 class SequenceBatch:
-    """Right-padded prompt+response sequences.
+    """(prompt, response) sequences packed by prompt into right-padded rows.
 
-    ``tokens[i, :lengths[i]]`` is sequence i; its response starts at ``prompt_lens[i]``.
+    Row b holds one prompt, then each response to it in turn, then padding. A response attends to
+    its prompt and causally to itself, not to the other responses (``attention_mask``), and its
+    positions continue from the prompt's end (``position_ids``): it is computed exactly as if it
+    followed its prompt alone, while the prompt is computed once for all of them. Sequence n, in
+    the order given to ``collate``, has its prompt in columns ``[0, prompt_lens[n])`` of row
+    ``rows[n]`` and its response in columns ``[starts[n], starts[n] + lengths[n] - prompt_lens[n])``.
     """
 
-    tokens: torch.Tensor
-    prompt_lens: torch.Tensor
-    lengths: torch.Tensor
+    tokens: torch.Tensor  # [B, S]
+    position_ids: torch.Tensor  # [B, S]
+    # [B, 1, S, S], True = masked out (Megatron's convention); None when no row holds two
+    # responses: causal attention alone is then exact, and runs on SDPA's faster unmasked path.
+    attention_mask: torch.Tensor | None
+    rows: torch.Tensor  # [N]
+    starts: torch.Tensor  # [N]
+    prompt_lens: torch.Tensor  # [N]
+    lengths: torch.Tensor  # [N], prompt + response: the sequence's length on its own
+    num_tokens: int  # real (non-padding) tokens in the rows: a shared prompt counts once
+
+    def to(self, device) -> "SequenceBatch":
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
+
+def group_by_prompt(sequences: list[tuple[list[int], list[int]]]) -> list[list[int]]:
+    """Indices of the sequences that share a prompt (equal token ids), one list per distinct
+    prompt in order of first appearance, each in the order given."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, (prompt, _) in enumerate(sequences):
+        groups.setdefault(tuple(prompt), []).append(index)
+    return list(groups.values())
 
 
 def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> SequenceBatch:
-    """Pad ``(prompt_ids, response_ids)`` pairs on the right with ``pad_id`` into one batch."""
+    """Pack ``(prompt_ids, response_ids)`` pairs into one row per distinct prompt, padded on the
+    right with ``pad_id`` (see SequenceBatch)."""
     if not sequences:
         raise ValueError("collate got no sequences")
     if any(not prompt for prompt, _ in sequences):
         raise ValueError("collate got an empty prompt; every sequence needs at least one prompt token")
-    lengths = [len(prompt) + len(response) for prompt, response in sequences]
-    tokens = torch.full((len(sequences), max(lengths)), pad_id, dtype=torch.long)
-    for row, (prompt, response) in enumerate(sequences):
-        tokens[row, : lengths[row]] = torch.tensor(prompt + response, dtype=torch.long)
+    groups = group_by_prompt(sequences)
+    packed = []  # per row: (tokens, positions, segments), segment 0 the prompt and k the k-th response
+    rows, starts = [0] * len(sequences), [0] * len(sequences)
+    for row, group in enumerate(groups):
+        prompt = sequences[group[0]][0]
+        tokens, positions, segments = list(prompt), list(range(len(prompt))), [0] * len(prompt)
+        for k, index in enumerate(group, start=1):
+            response = sequences[index][1]
+            rows[index], starts[index] = row, len(tokens)
+            tokens += response
+            positions += range(len(prompt), len(prompt) + len(response))
+            segments += [k] * len(response)
+        packed.append((tokens, positions, segments))
+    width = max(len(tokens) for tokens, _, _ in packed)
+    tokens = torch.full((len(groups), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(groups), width), dtype=torch.long)
+    # Padding is a segment of its own: it sees the prompt and itself, so no query row is all masked.
+    segment = torch.full((len(groups), width), len(sequences) + 1, dtype=torch.long)
+    for row, (row_tokens, row_positions, row_segments) in enumerate(packed):
+        tokens[row, : len(row_tokens)] = torch.tensor(row_tokens, dtype=torch.long)
+        position_ids[row, : len(row_tokens)] = torch.tensor(row_positions, dtype=torch.long)
+        segment[row, : len(row_tokens)] = torch.tensor(row_segments, dtype=torch.long)
+    attention_mask = None
+    if len(groups) < len(sequences):
+        key, query = segment[:, None, :], segment[:, :, None]
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        attention_mask = ~(causal & ((key == 0) | (key == query)))[:, None]
+    prompt_lens = [len(prompt) for prompt, _ in sequences]
     return SequenceBatch(
         tokens=tokens,
-        prompt_lens=torch.tensor([len(prompt) for prompt, _ in sequences], dtype=torch.long),
-        lengths=torch.tensor(lengths, dtype=torch.long),
+        position_ids=position_ids,
+        attention_mask=attention_mask,
+        rows=torch.tensor(rows, dtype=torch.long),
+        starts=torch.tensor(starts, dtype=torch.long),
+        prompt_lens=torch.tensor(prompt_lens, dtype=torch.long),
+        lengths=torch.tensor([p + len(response) for p, (_, response) in zip(prompt_lens, sequences)], dtype=torch.long),
+        num_tokens=sum(len(row_tokens) for row_tokens, _, _ in packed),
     )

@@ -5,8 +5,8 @@ Algorithm 1's starting point, in miniature: the SFT model is the reference; the 
 warm-up of the SFT model on the offline pairs.
 
 Cache layout under ``task.cache_dir``: ``tiny_cpu-sft-<key>/sft`` holds the SFT model, keyed by
-only what it depends on (``SFT_KEYS`` and the seed), so a grid over the offline knobs trains it
-once; ``tiny_cpu-<key>/`` (every task key and the seed) holds ``warmup/``, ``train.jsonl``,
+only what it depends on (``SFT_KEYS``, ``LATER_KEYS`` and the seed), so a grid over the offline
+knobs trains it once; ``tiny_cpu-<key>/`` (every task key and the seed) holds ``warmup/``, ``train.jsonl``,
 ``eval.jsonl`` and ``task_stats.json``. Each folder is built under ``<name>.tmp`` and renamed into
 place with a ``DONE`` marker, so a crash never leaves a half-built folder that looks finished.
 """
@@ -19,7 +19,7 @@ import random
 import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -53,8 +53,11 @@ CACHE_VERSION = 3
 # are drawn disjoint from those prompts.
 SFT_KEYS = ("num_train_pairs", "num_eval_prompts", "sft_examples", "sft_steps", "sft_batch_size", "sft_lr",
             "hidden_size", "num_layers", "num_attention_heads", "num_query_groups", "ffn_hidden_size")
+# Task keys added after CACHE_VERSION 3 (the SFT model depends on each): they enter the cache keys
+# only away from their defaults, so the caches of the tasks before them stay valid.
+LATER_KEYS = ("min_letters", "max_letters")
 # task_stats.json: the policies' own samples on the first STATS_PROMPTS training prompts, at the
-# recipe's sampling settings (temperature 1, up to 24 new tokens); ~1 s on a CPU core.
+# recipe's sampling settings (temperature 1, up to 24 new tokens, more for longer answers); ~1 s on a CPU core.
 STATS_PROMPTS, STATS_SAMPLES, STATS_MAX_NEW_TOKENS = 128, 4, 24
 
 
@@ -62,10 +65,19 @@ def cache_key(fields: dict) -> str:
     return hashlib.sha256(json.dumps({**fields, "version": CACHE_VERSION}, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def task_keys(task: EmbeddedTaskConfig, seed: int) -> tuple[str, str]:
+    """(the SFT model's cache key, the task's cache key) of a task and seed."""
+    defaults = {f.name: f.default for f in fields(EmbeddedTaskConfig) if f.name in LATER_KEYS}
+    later = {k: getattr(task, k) for k in LATER_KEYS if getattr(task, k) != defaults[k]}
+    task_fields = {k: v for k, v in asdict(task).items() if k not in LATER_KEYS}
+    return (cache_key({**{k: getattr(task, k) for k in SFT_KEYS}, **later, "seed": seed}),
+            cache_key({**task_fields, **later, "seed": seed}))
+
+
 def prepare_embedded_task(task: EmbeddedTaskConfig, seed: int, console: Console) -> EmbeddedTask:
     cache = Path(os.path.expanduser(task.cache_dir))
-    sft_root = cache / f"tiny_cpu-sft-{cache_key({**{k: getattr(task, k) for k in SFT_KEYS}, 'seed': seed})}"
-    root = cache / f"tiny_cpu-{cache_key({**asdict(task), 'seed': seed})}"
+    sft_key, key = task_keys(task, seed)
+    sft_root, root = cache / f"tiny_cpu-sft-{sft_key}", cache / f"tiny_cpu-{key}"
     built = EmbeddedTask(str(sft_root / "sft"), str(root / "warmup"), str(root / "train.jsonl"), str(root / "eval.jsonl"))
     barrier()  # every rank sees the same cache state
     if (root / "DONE").exists() and (sft_root / "DONE").exists():
@@ -76,15 +88,17 @@ def prepare_embedded_task(task: EmbeddedTaskConfig, seed: int, console: Console)
     started = time.perf_counter()
     console.log(f"embedded task: building offline pairs, DPO warm-up and task stats in {root}")
     tokenizer = toy_task.build_tokenizer()
-    train_prompts = toy_task.make_prompts(task.num_train_pairs, seed)
-    eval_prompts = toy_task.make_prompts(task.num_eval_prompts, seed + 1, exclude=set(train_prompts))
-    sft_prompts = toy_task.make_prompts(task.sft_examples, seed + 2, exclude=set(train_prompts) | set(eval_prompts))
+    letters = dict(min_letters=task.min_letters, max_letters=task.max_letters)
+    train_prompts = toy_task.make_prompts(task.num_train_pairs, seed, **letters)
+    eval_prompts = toy_task.make_prompts(task.num_eval_prompts, seed + 1, exclude=set(train_prompts), **letters)
+    sft_prompts = toy_task.make_prompts(task.sft_examples, seed + 2, exclude=set(train_prompts) | set(eval_prompts),
+                                        **letters)
     pairs = toy_task.offline_pairs(train_prompts, seed + 3, correct=task.offline_correct,
                                    informative=task.offline_informative, shift=task.offline_shift)
     # Rows past the tokenizer's length are never used; rounding up lets tensor parallelism split the vocabulary.
     cfg = ModelConfig(vocab_size=-(-len(tokenizer) // 64) * 64, hidden_size=task.hidden_size, num_layers=task.num_layers,
                       num_attention_heads=task.num_attention_heads, num_query_groups=task.num_query_groups,
-                      ffn_hidden_size=task.ffn_hidden_size, max_position_embeddings=128)
+                      ffn_hidden_size=task.ffn_hidden_size, max_position_embeddings=task.max_position_embeddings)
     sft_weights = _sft_model(task, cfg, tokenizer, sft_prompts, seed, sft_root, console)
 
     tmp = _start_building(root)
@@ -93,7 +107,8 @@ def prepare_embedded_task(task: EmbeddedTaskConfig, seed: int, console: Console)
         _write_jsonl(tmp / "eval.jsonl", [{"prompt": p} for p in eval_prompts])
     warmed = _dpo_warmup(task, cfg, sft_weights, tokenizer, pairs, seed, console)
     warm_weights = warmed.hf_state_dict()
-    stats = _task_stats(pairs[:STATS_PROMPTS], cfg, tokenizer, sft_weights, warmed, warm_weights, seed)
+    stats = _task_stats(pairs[:STATS_PROMPTS], cfg, tokenizer, sft_weights, warmed, warm_weights, seed,
+                        max_new_tokens=max(STATS_MAX_NEW_TOKENS, task.max_letters + 16))
     stats.update(pair_stats(pairs))
     _log_stats(console, stats)
     if is_rank0():
@@ -177,14 +192,14 @@ def _inner_spaces(text: str) -> int:
     return sum(char.isspace() for char in text.strip())
 
 
-def _task_stats(pairs, cfg, tokenizer, sft_weights, warmed, warm_weights, seed) -> dict[str, float]:
+def _task_stats(pairs, cfg, tokenizer, sft_weights, warmed, warm_weights, seed, max_new_tokens) -> dict[str, float]:
     """The policies' own samples on the pairs' prompts against the offline chosen responses: their
     rewards, and the off-policy measure, the mean per-token log-prob under the warm-up policy of
     its own samples and of the offline chosen responses (eos included). Collective: ``score``."""
     prompts = [p["prompt"] for p in pairs]
     prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
     engine = TorchEngine(cfg, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    params = SamplingParams(num_samples=STATS_SAMPLES, temperature=1.0, max_new_tokens=STATS_MAX_NEW_TOKENS, seed=seed + 7)
+    params = SamplingParams(num_samples=STATS_SAMPLES, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed + 7)
     stats = {"stats_prompts": len(prompts), "stats_samples_per_prompt": STATS_SAMPLES}
     own = {}
     for name, weights in (("sft", sft_weights), ("warmup", warm_weights)):

@@ -1,7 +1,8 @@
 """The embedded task of recipe ``tiny_cpu``: reverse a short string of letters.
 
-A prompt is ``rev:<letters>=`` (4 to 8 letters from ``LETTERS``) and the right answer is the
-letters reversed: ``rev:abcd=`` -> ``dcba``. Every piece the pipeline needs is generated here, so
+A prompt is ``rev:<letters>=`` (4 to 8 letters from ``LETTERS``; ``task.min_letters`` and
+``task.max_letters`` set the range) and the right answer is the letters reversed: ``rev:abcd=`` ->
+``dcba``. Every piece the pipeline needs is generated here, so
 the whole MetaAPO loop (SFT, DPO warm-up, online iterations) runs on a laptop CPU with no download:
 
 - ``build_tokenizer``: a character-level tokenizer (one token per character, plus ``<pad>``,
@@ -78,16 +79,20 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def make_prompts(n: int, seed: int, exclude: set[str] | frozenset[str] = frozenset()) -> list[str]:
-    """``n`` distinct prompts drawn from ``random.Random(seed)``, none of them in ``exclude``.
+def make_prompts(n: int, seed: int, exclude: set[str] | frozenset[str] = frozenset(),
+                 min_letters: int = MIN_LETTERS, max_letters: int = MAX_LETTERS) -> list[str]:
+    """``n`` distinct prompts drawn from ``random.Random(seed)``, none of them in ``exclude``, each
+    of ``min_letters`` to ``max_letters`` letters (uniform; the defaults are the original task).
 
     Pass the training prompts as ``exclude`` to draw a disjoint held-out set.
     """
+    if not 1 <= min_letters <= max_letters:
+        raise ValueError(f"letters per prompt {min_letters}..{max_letters}: need 1 <= task.min_letters <= task.max_letters")
     rng = random.Random(seed)
     prompts: list[str] = []
     seen = set(exclude)
     while len(prompts) < n:
-        length = rng.randint(MIN_LETTERS, MAX_LETTERS)
+        length = rng.randint(min_letters, max_letters)
         prompt = PROMPT_PREFIX + "".join(rng.choice(LETTERS) for _ in range(length)) + PROMPT_SUFFIX
         if prompt not in seen:
             seen.add(prompt)
@@ -111,14 +116,26 @@ def answer(prompt: str) -> str:
 
 
 def _edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance (unit-cost substitution, insertion, deletion)."""
-    previous = list(range(len(b) + 1))
-    for i, char_a in enumerate(a, start=1):
-        current = [i]
-        for j, char_b in enumerate(b, start=1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
-        previous = current
-    return previous[-1]
+    """Levenshtein distance (unit-cost substitution, insertion, deletion), by Myers' bit-parallel
+    algorithm in Hyyro's form for the global distance: one column of the dynamic programme per
+    character of ``b`` as a few integer operations, so 80-letter answers cost what 8-letter ones
+    did in the plain O(len(a) len(b)) loop (tested equal to it)."""
+    if not a or not b:
+        return len(a) + len(b)
+    high, mask = 1 << (len(a) - 1), (1 << len(a)) - 1
+    peq: dict[str, int] = {}  # per character, the positions of a that hold it
+    for i, char in enumerate(a):
+        peq[char] = peq.get(char, 0) | 1 << i
+    pv, mv, distance = mask, 0, len(a)  # vertical +1 / -1 deltas of the current column
+    for char in b:
+        eq = peq.get(char, 0)
+        xv = eq | mv
+        xh = (((eq & pv) + pv) ^ pv) | eq
+        ph, mh = mv | ~(xh | pv), pv & xh
+        distance += 1 if ph & high else -1 if mh & high else 0
+        ph, mh = (ph << 1) | 1, mh << 1
+        pv, mv = (mh | ~(xv | ph)) & mask, ph & xv & mask
+    return distance
 
 
 def reward(prompts: list[str], responses: list[str]) -> list[float]:

@@ -2,10 +2,11 @@
 (full logits, greedy decoding) for tests.
 
 log pi(y|x) is the sum of the response tokens' log-probs, prompt tokens masked (METAAPO.md,
-notation; the margin m and the scores of Eq. 4-5 are built from it). Two speed levers shape it
-(ECOSYSTEM.md): batches are RIGHT-padded and run with no attention mask - causal attention
-already keeps each real token from seeing the padding that follows it - and the LM head runs only
-on the hidden states that predict response tokens.
+notation; the margin m and the scores of Eq. 4-5 are built from it). Three speed levers shape it
+(ECOSYSTEM.md): the responses that share a prompt share one row, so the prompt is computed once
+(data.batching.collate: a block mask and positions that restart after the prompt); rows are
+RIGHT-padded, so a batch of one response per row runs with no mask at all; and the LM head runs
+only on the hidden states that predict response tokens.
 """
 from __future__ import annotations
 
@@ -16,70 +17,58 @@ from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.utils import unwrap_model
 
+from metaapo_nemo.data.batching import SequenceBatch
+
 
 def _positions(tokens: Tensor) -> Tensor:
     return torch.arange(tokens.size(1), device=tokens.device).unsqueeze(0).expand_as(tokens)
 
 
-def decoder_hidden_states(model, tokens: Tensor) -> Tensor:
-    """This pipeline stage's decoder output [S, B, H] for tokens [B, S], with no attention mask.
+def decoder_hidden_states(
+    model, tokens: Tensor, position_ids: Tensor | None = None, attention_mask: Tensor | None = None
+) -> Tensor:
+    """This pipeline stage's decoder output [S, B, H] for tokens [B, S].
 
-    The first stage embeds `tokens`; a later stage reads the activations its pipeline schedule
-    passed in with `model.set_input_tensor` and uses `tokens` only for the sequence length. The
-    last stage's output has the final norm applied.
+    position_ids [B, S]: each token's rotary position (None: 0..S-1 in every row); attention_mask
+    [B, 1, S, S], True = masked out (None: causal only). A SequenceBatch carries both. The first
+    stage embeds `tokens`; a later stage reads the activations its pipeline schedule passed in
+    with `model.set_input_tensor` and uses `tokens` only for the shape: every stage needs the same
+    positions and mask. The last stage's output has the final norm applied.
     """
     gpt: GPTModel = unwrap_model(model)
-    decoder_input = (
-        gpt.embedding(input_ids=tokens, position_ids=_positions(tokens)) if gpt.pre_process else None
-    )
-    return gpt.decoder(
-        hidden_states=decoder_input,
-        attention_mask=None,
-        rotary_pos_emb=gpt.rotary_pos_emb(tokens.size(1)),
-    )
+    positions = _positions(tokens) if position_ids is None else position_ids
+    decoder_input = gpt.embedding(input_ids=tokens, position_ids=positions) if gpt.pre_process else None
+    # rotary_pos_emb(n) holds the frequencies of positions 0..n-1 as [n, 1, 1, D]; gathered per token
+    # into [S, B, 1, D], which megatron's apply_rotary_pos_emb broadcasts over the heads.
+    freqs = gpt.rotary_pos_emb(int(positions.max()) + 1)[:, 0][positions.t()]
+    return gpt.decoder(hidden_states=decoder_input, attention_mask=attention_mask, rotary_pos_emb=freqs)
 
 
-def _check_spans(tokens: Tensor, prompt_lens: Tensor, lengths: Tensor) -> None:
-    batch, seq = tokens.shape
-    if prompt_lens.shape != (batch,) or lengths.shape != (batch,):
-        raise ValueError(
-            f"prompt_lens {tuple(prompt_lens.shape)} and lengths {tuple(lengths.shape)} must both "
-            f"have shape ({batch},), one entry per row of tokens"
-        )
-    if not bool(((1 <= prompt_lens) & (prompt_lens <= lengths) & (lengths <= seq)).all()):
-        raise ValueError(
-            "need 1 <= prompt_lens[b] <= lengths[b] <= tokens.size(1) for every row (a prompt of at "
-            f"least one token, right padding); got prompt_lens={prompt_lens.tolist()}, "
-            f"lengths={lengths.tolist()}, tokens.size(1)={seq}"
-        )
+def response_logprobs(model, hidden: Tensor, batch: SequenceBatch) -> tuple[Tensor, Tensor]:
+    """(sum of response-token log-probs [N], number of response tokens [N]), one entry per
+    sequence of `batch` in its order, from the last stage's decoder output `hidden` [S, B, H].
 
-
-def response_logprobs(
-    model, hidden: Tensor, tokens: Tensor, prompt_lens: Tensor, lengths: Tensor
-) -> tuple[Tensor, Tensor]:
-    """(sum of response-token log-probs [B], number of response tokens [B]) from the last
-    stage's decoder output `hidden` [S, B, H].
-
-    Token t of row b is a response token iff prompt_lens[b] <= t < lengths[b]; hidden state t-1
-    predicts it. Only those hidden states go through the LM head, and the log-prob comes from
-    vocab_parallel_cross_entropy, so the vocabulary may be split over tensor-parallel ranks.
+    Hidden state t-1 of a row predicts its token t, except that a response's first token is
+    predicted by its prompt's last token. Only those hidden states go through the LM head, and
+    the log-prob comes from vocab_parallel_cross_entropy, so the vocabulary may be split over
+    tensor-parallel ranks.
     """
     gpt: GPTModel = unwrap_model(model)
-    _check_spans(tokens, prompt_lens, lengths)
-    t = torch.arange(tokens.size(1), device=tokens.device)
-    is_response = (t >= prompt_lens[:, None]) & (t < lengths[:, None])  # [B, S]
-    rows, cols = is_response.nonzero(as_tuple=True)
-    predicting = hidden[cols - 1, rows].unsqueeze(1)  # [N, 1, H], megatron's [s, b, h] layout
+    response_lens = batch.lengths - batch.prompt_lens
+    which = torch.repeat_interleave(torch.arange(len(response_lens), device=hidden.device), response_lens)  # [T]
+    first = (torch.cumsum(response_lens, 0) - response_lens)[which]
+    offset = torch.arange(which.numel(), device=hidden.device) - first  # the token's place in its response
+    rows, cols = batch.rows[which], batch.starts[which] + offset
+    predictors = torch.where(offset == 0, batch.prompt_lens[which] - 1, cols - 1)
+    predicting = hidden[predictors, rows].unsqueeze(1)  # [T, 1, H], megatron's [s, b, h] layout
     weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
-    logits, _ = gpt.output_layer(predicting, weight=weight)  # [N, 1, V / TP]
+    logits, _ = gpt.output_layer(predicting, weight=weight)  # [T, 1, V / TP]
     # fp32 for the softmax: in bf16 the log-probs of a long response lose whole nats.
     nll = tensor_parallel.vocab_parallel_cross_entropy(
-        logits.float(), tokens[rows, cols].unsqueeze(1)
+        logits.float(), batch.tokens[rows, cols].unsqueeze(1)
     ).squeeze(1)
-    logp_sum = torch.zeros(tokens.size(0), dtype=nll.dtype, device=nll.device).index_add(
-        0, rows, -nll
-    )
-    return logp_sum, is_response.sum(dim=1)
+    logp_sum = torch.zeros(len(response_lens), dtype=nll.dtype, device=nll.device).index_add(0, which, -nll)
+    return logp_sum, response_lens
 
 
 def _require_whole_model(gpt: GPTModel, what: str) -> None:
@@ -91,20 +80,17 @@ def _require_whole_model(gpt: GPTModel, what: str) -> None:
         )
 
 
-def sequence_logprobs(
-    model, tokens: Tensor, prompt_lens: Tensor, lengths: Tensor
-) -> tuple[Tensor, Tensor]:
-    """log pi(y|x) for a right-padded batch: (logp_sum [B], num_tokens [B]).
+def sequence_logprobs(model, batch: SequenceBatch) -> tuple[Tensor, Tensor]:
+    """log pi(y|x) for every sequence of a collated batch: (logp_sum [N], num_tokens [N]).
 
-    tokens [B, S] holds prompt x then response y in positions [0, lengths[b]), padding after;
-    logp_sum[b] = sum_{t = prompt_lens[b]}^{lengths[b] - 1} log p(tokens[b, t] | tokens[b, <t]).
-    Differentiable; num_tokens[b] = lengths[b] - prompt_lens[b] (for SimPO's mean, Eq. A.9).
+    logp_sum[n] = sum over the response tokens y_t of sequence n of log p(y_t | x, y_<t).
+    Differentiable; num_tokens[n] = lengths[n] - prompt_lens[n] (for SimPO's mean, Eq. A.9).
     """
     gpt: GPTModel = unwrap_model(model)
     _require_whole_model(gpt, "sequence_logprobs")
-    device = gpt.embedding.word_embeddings.weight.device
-    tokens, prompt_lens, lengths = (x.to(device) for x in (tokens, prompt_lens, lengths))
-    return response_logprobs(model, decoder_hidden_states(model, tokens), tokens, prompt_lens, lengths)
+    batch = batch.to(gpt.embedding.word_embeddings.weight.device)
+    hidden = decoder_hidden_states(model, batch.tokens, batch.position_ids, batch.attention_mask)
+    return response_logprobs(model, hidden, batch)
 
 
 def full_logits(model, tokens: Tensor) -> Tensor:

@@ -31,7 +31,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer import optimizer as megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from metaapo_nemo.data.batching import SequenceBatch, collate
+from metaapo_nemo.data.batching import SequenceBatch, collate, group_by_prompt
 from metaapo_nemo.distributed import (
     all_gather_objects, all_reduce_sum, data_parallel_rank, data_parallel_size, is_loss_rank,
 )
@@ -105,26 +105,32 @@ class MegatronPolicy:
 
     def _stage_forward(self, model, batch: SequenceBatch):
         """This stage's part of log pi(y|x): hidden states to pass on, or (logp_sum, ntok) on the last
-        stage, returned on the CPU where the losses and the cached reference log-probs live."""
-        device = next(self.model.parameters()).device
-        tokens, prompt_lens, lengths = (t.to(device) for t in (batch.tokens, batch.prompt_lens, batch.lengths))
-        hidden = decoder_hidden_states(model, tokens)
+        stage, returned on the CPU where the losses and the cached reference log-probs live. Every
+        stage builds the same batch, so each has the mask and positions its layers need."""
+        batch = batch.to(next(self.model.parameters()).device)
+        hidden = decoder_hidden_states(model, batch.tokens, batch.position_ids, batch.attention_mask)
         if not ps.is_pipeline_last_stage():
             return hidden, None
-        logp, ntok = response_logprobs(model, hidden, tokens, prompt_lens, lengths)
+        logp, ntok = response_logprobs(model, hidden, batch)
         return logp.float().cpu(), ntok.cpu()
 
     @torch.no_grad()
     def score(self, sequences: Sequences, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequence log-prob sums and response token counts, [N] each, in the order given, on every rank.
 
-        Each data-parallel rank scores its share; sequences are sorted by length so batches pad
-        little; no attention mask is ever built.
+        The sequences that share a prompt (a pair's chosen and rejected) stay together: one row
+        of a batch of up to `batch_size` sequences, the prompt computed once. Each data-parallel
+        rank scores its share of the prompts, sorted by row length so that batches pad little.
         """
         self.model.eval()
-        mine = list(range(data_parallel_rank(), len(sequences), data_parallel_size()))
-        mine.sort(key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
-        chunks = [mine[s:s + batch_size] for s in range(0, len(mine), batch_size)]
+        mine = group_by_prompt(sequences)[data_parallel_rank()::data_parallel_size()]
+        mine.sort(key=lambda group: len(sequences[group[0]][0]) + sum(len(sequences[i][1]) for i in group))
+        chunks: list[list[int]] = []
+        for group in mine:
+            if chunks and len(chunks[-1]) + len(group) <= batch_size:
+                chunks[-1] += group
+            else:
+                chunks.append(list(group))
         logps = torch.zeros(len(sequences), dtype=torch.float64)
         ntoks = torch.zeros(len(sequences), dtype=torch.float64)
 
@@ -153,8 +159,9 @@ class MegatronPolicy:
 
         Data-parallel rank r takes items[r::DP]; make_batch(micro_items) -> SequenceBatch;
         loss_fn(micro_items, logp_sum, num_tokens) -> (loss summed over micro_items, stats dict of
-        sums). Returns the stats summed over all data-parallel ranks, with grad_norm, lr, tokens and
-        skipped: True when the loss or a gradient was NaN or inf on any rank, and then no rank
+        sums), logp_sum and num_tokens [N] in the order of the batch's sequences. Returns the stats
+        summed over all data-parallel ranks, with grad_norm, lr, tokens (those the model ran: a
+        prompt its responses share counts once) and skipped: True when the loss or a gradient was NaN or inf on any rank, and then no rank
         stepped (weights, optimizer state and schedule as before; gradients zeroed).
         """
         assert self.optimizer is not None, "the reference model is frozen"
@@ -183,7 +190,7 @@ class MegatronPolicy:
                 loss_sum, mb_stats = loss_fn(mb, logp, ntok)
                 if is_loss_rank() and weight:
                     losses.append(float(loss_sum.detach()))
-                    mb_stats["tokens"] = float(batch.lengths.sum())
+                    mb_stats["tokens"] = float(batch.num_tokens)
                     for k, v in mb_stats.items():
                         stats[k] = stats.get(k, 0.0) + float(v)
                 return loss_sum * scale, {}

@@ -1,6 +1,7 @@
 """Settings of Algorithm 1's loop: ties keep the offline pair, the meta buffer only for a trained
-h_phi, the unset-reference warning, algo.random_ratio and trainer.steps_per_iteration; the loop
-checks run the real pipeline on a tiny Hugging Face Llama of the toy task (one iteration, 24 pairs)."""
+h_phi, the unset-reference warning, algo.random_ratio, trainer.steps_per_iteration and the cached
+reference log-probs (reference.logp_cache_dir); the loop checks run the real pipeline on a tiny
+Hugging Face Llama of the toy task (one iteration, 24 pairs)."""
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from metaapo_nemo.algorithm.metaapo import REFERENCE_UNSET, train_batches
@@ -97,7 +99,8 @@ def _run(files: Path, out: Path, *extra: str) -> tuple[dict, list[dict], str]:
            f"policy.hf_path={files / 'sft'}", f"data.train={files / 'train.parquet'}", f"data.eval={files / 'eval.jsonl'}",
            "algo.iterations=1", "algo.num_samples=4", "algo.meta_interval=1", "rollout.max_new_tokens=6",
            f"trainer.global_batch_size={BATCH}", f"trainer.micro_batch_size={BATCH}", "rollout.eval_samples=1",
-           "trainer.num_threads=1", f"output_dir={out}", "seed=3", *extra]
+           "trainer.num_threads=1", f"output_dir={out}", "seed=3",
+           f"reference.logp_cache_dir={out.parent / 'reference_logps'}", *extra]  # not the user's ~/.cache
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "COLUMNS": "500"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -148,3 +151,42 @@ def test_steps_per_iteration_lengthens_a_shorter_iteration_and_no_trained_meta_l
     assert [r["pairs"] for r in rows if r["event"] == "train_step"] == [BATCH] * 4
     saved = torch.load(out / "checkpoints" / "iter_1" / "run_state.pt", weights_only=True)
     assert [buffer["score_off"].numel() for buffer in saved["meta_buffers"]] == [0]
+
+
+@pytest.fixture(scope="module")
+def cached_runs(user_files, tmp_path_factory):
+    """Two runs of the same reference and data on one reference log-prob cache, then one with
+    reference.roll_forward=true on a cache folder of its own; (summary, train rows, output, out) each."""
+    cache = tmp_path_factory.mktemp("reference_logps")
+    runs = []
+    for name, extra in (("first", ()), ("second", ()), ("rolled", ("reference.roll_forward=true",))):
+        out = tmp_path_factory.mktemp(name) / "out"
+        cache_dir = cache if not extra else out.parent / "reference_logps"
+        summary, rows, output = _run(user_files, out, "algo.name=metaapo", f"reference.hf_path={user_files / 'sft'}",
+                                     f"reference.logp_cache_dir={cache_dir}", *extra)
+        rows = [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows
+                if r["event"] in ("train_step", "meta_update", "decisions")]
+        runs.append((summary, rows, output, out))
+    return cache, runs
+
+
+def _summary_result(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k not in ("seconds", "tokens_per_second", "output_dir", "final_checkpoint")}
+
+
+def test_a_second_run_reads_the_cached_reference_log_probs_and_trains_to_the_same_result(cached_runs):
+    cache, ((first, first_rows, first_log, first_out), (second, second_rows, second_log, second_out), _) = cached_runs
+    entry = next(cache.glob("*.safetensors"))
+    assert f"reference log-probs of {PAIRS} offline pairs: computed and cached in {entry}" in first_log
+    assert f"reference log-probs of {PAIRS} offline pairs: read from {entry}" in second_log  # no reference forward
+    assert first["seconds"]["reference"] > 0 and second["seconds"]["reference"] > 0
+    assert first_rows and second_rows == first_rows and _summary_result(second) == _summary_result(first)
+    a, b = (load_file(out / "final" / "model.safetensors") for out in (first_out, second_out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_roll_forward_bypasses_the_cache_and_a_one_iteration_run_scores_exactly_as_from_it(cached_runs):
+    _, ((first, first_rows, _, _), _, (rolled, rolled_rows, rolled_log, rolled_out)) = cached_runs
+    assert "reference log-probs of" not in rolled_log and not (rolled_out.parent / "reference_logps").exists()
+    # One iteration: its slice is the whole data set, so scoring it is the same reference.score call.
+    assert rolled_rows == first_rows and _summary_result(rolled) == _summary_result(first)

@@ -56,15 +56,45 @@ def test_response_is_its_text_then_eos(tokenizer):
         encode_response(tokenizer, "ba")
 
 
-def test_collate_right_pads_and_records_prompt_and_sequence_lengths():
+def test_collate_right_pads_one_row_per_prompt_with_no_mask():
     batch = collate([([1, 2, 3], [4, 5]), ([6], [7, 8, 9, 10, 11]), ([12, 13], [])], pad_id=0)
     assert torch.equal(
         batch.tokens,
         torch.tensor([[1, 2, 3, 4, 5, 0], [6, 7, 8, 9, 10, 11], [12, 13, 0, 0, 0, 0]]),
     )
     assert batch.tokens.dtype == torch.long
+    assert batch.attention_mask is None  # one response per row: causal attention is exact
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 0], [0, 1, 2, 3, 4, 5], [0, 1, 0, 0, 0, 0]]  # padding: 0
+    assert batch.rows.tolist() == [0, 1, 2] and batch.starts.tolist() == [3, 1, 2]
     assert batch.prompt_lens.tolist() == [3, 1, 2]
     assert batch.lengths.tolist() == [5, 6, 2]
+    assert batch.num_tokens == 13
+
+
+def test_collate_packs_the_responses_that_share_a_prompt_behind_one_copy_of_it():
+    # Sequences 0, 2 and 3 share prompt [1, 2]; the batch keeps the order given.
+    batch = collate([([1, 2], [3, 4]), ([5], [6]), ([1, 2], [7]), ([1, 2], [8, 9, 10])], pad_id=0)
+    assert batch.tokens.tolist() == [[1, 2, 3, 4, 7, 8, 9, 10], [5, 6, 0, 0, 0, 0, 0, 0]]
+    # A response's positions continue from its prompt's end, as if it followed the prompt alone.
+    assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 2, 2, 3, 4]
+    assert batch.position_ids[1, :2].tolist() == [0, 1]
+    assert batch.rows.tolist() == [0, 1, 0, 0] and batch.starts.tolist() == [2, 1, 4, 5]
+    assert batch.prompt_lens.tolist() == [2, 1, 2, 2] and batch.lengths.tolist() == [4, 2, 3, 5]
+    assert batch.num_tokens == 10
+    # Row 0: each response attends to the prompt and causally to itself (True = masked out).
+    sees = (~batch.attention_mask[0, 0]).int().tolist()
+    assert sees == [
+        [1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 1, 0, 0, 0],
+        [1, 1, 0, 0, 0, 1, 0, 0],
+        [1, 1, 0, 0, 0, 1, 1, 0],
+        [1, 1, 0, 0, 0, 1, 1, 1],
+    ]
+    # Row 1's padding sees the prompt and the padding before it, so no query row is all masked.
+    assert (~batch.attention_mask[1, 0]).int().tolist()[3] == [1, 0, 1, 1, 0, 0, 0, 0]
 
 
 def test_collate_rejects_empty_input():

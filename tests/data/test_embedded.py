@@ -90,3 +90,36 @@ def test_a_missing_sft_model_is_rebuilt_even_when_the_rest_is_cached(tmp_path):
 def test_the_task_config_defaults_are_the_legacy_offline_pairs():
     task = EmbeddedTaskConfig()
     assert (task.offline_correct, task.offline_informative, task.offline_shift) == (0.04, 0.0, 0.0)
+
+
+def test_cache_keys_of_the_default_letters_are_those_before_the_letter_keys():
+    from metaapo_nemo.data.embedded import task_keys
+
+    # Computed before task.min_letters / task.max_letters existed (default cache_dir): caches built
+    # then are found now.
+    assert task_keys(EmbeddedTaskConfig(), 1) == ("5d62fe708fc0", "2868a4afb222")
+    assert task_keys(EmbeddedTaskConfig(), 1234) == ("efe0c47bedb4", "b6e364e0f2c8")
+    longer = EmbeddedTaskConfig(min_letters=64, max_letters=80)
+    assert task_keys(longer, 1)[0] != "5d62fe708fc0" and task_keys(longer, 1)[1] != "2868a4afb222"
+    assert EmbeddedTaskConfig().max_position_embeddings == 128 and longer.max_position_embeddings == 192
+
+
+def test_letter_range_is_validated_against_the_length_limits():
+    import pytest
+
+    from metaapo_nemo.config import ConfigError
+    from metaapo_nemo.recipes import get_recipe
+
+    config = get_recipe("tiny_cpu")
+    apply_overrides(config, ["task.min_letters=64", "task.max_letters=80"])
+    with pytest.raises(ConfigError) as err:
+        config.validate()
+    message = str(err.value)
+    assert "raise policy.max_prompt_length=64 to at least 86" in message
+    assert "raise policy.max_length=96 to at least 167" in message
+    assert "raise rollout.max_new_tokens=24 to at least 81" in message
+    apply_overrides(config, ["policy.max_prompt_length=96", "policy.max_length=192", "rollout.max_new_tokens=96"])
+    config.validate()
+    apply_overrides(config, ["rollout.max_new_tokens=120"])
+    with pytest.raises(ConfigError, match="lower rollout.max_new_tokens to at most 106"):
+        config.validate()

@@ -167,3 +167,35 @@ def test_offline_knobs_outside_zero_to_one_are_refused_by_their_key():
         offline_pairs(["rev:ab="], seed=0, shift=1.5)
     with pytest.raises(ValueError, match="task.offline_correct=-0.1"):
         offline_pairs(["rev:ab="], seed=0, correct=-0.1)
+
+
+def _plain_edit_distance(a: str, b: str) -> int:
+    """The dynamic programme toy_task's bit-parallel edit distance replaced."""
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, start=1):
+        current = [i]
+        for j, char_b in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
+
+
+def test_bit_parallel_edit_distance_equals_the_dynamic_programme():
+    import random
+
+    rng = random.Random(0)
+    assert toy_task._edit_distance("kitten", "sitting") == 3 and toy_task._edit_distance("", "abc") == 3
+    for _ in range(3000):  # short and long strings, small alphabets so that matches are frequent
+        a = "".join(rng.choice("abc ") for _ in range(rng.randint(0, 100)))
+        b = "".join(rng.choice("abcd") for _ in range(rng.randint(0, 100)))
+        assert toy_task._edit_distance(a, b) == _plain_edit_distance(a, b), (a, b)
+
+
+def test_letter_range_sets_the_prompt_lengths_and_the_defaults_draw_the_same_prompts():
+    assert make_prompts(200, seed=3) == make_prompts(200, seed=3, min_letters=4, max_letters=8)
+    long = make_prompts(200, seed=3, min_letters=64, max_letters=80)
+    lengths = [len(toy_task.answer(p)) for p in long]
+    assert min(lengths) >= 64 and max(lengths) <= 80 and len(set(lengths)) > 10
+    assert reward(long, [toy_task.answer(p) for p in long]) == [1.0] * 200
+    with pytest.raises(ValueError, match="task.min_letters <= task.max_letters"):
+        make_prompts(3, seed=0, min_letters=9, max_letters=8)

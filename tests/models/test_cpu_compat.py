@@ -44,12 +44,15 @@ def _parallel_state():
 
 def _batches():
     gen = torch.Generator().manual_seed(0)
-    return [(torch.randint(0, CFG.vocab_size, (2, 8), generator=gen), torch.tensor([2, 3]),
-             torch.tensor([8, 6])) for _ in range(2)]
+
+    def rows():
+        tokens = torch.randint(0, CFG.vocab_size, (2, 8), generator=gen).tolist()
+        return [(tokens[0][:2], tokens[0][2:]), (tokens[1][:3], tokens[1][3:6])]
+    return [collate(rows(), 0) for _ in range(2)]
 
 
 def _forward_step(data_iterator, model):
-    logp_sum, _ = sequence_logprobs(model, *next(data_iterator))
+    logp_sum, _ = sequence_logprobs(model, next(data_iterator))
     return logp_sum, lambda out: (-out.mean(), {"loss": -out.mean().detach()})
 
 
@@ -75,7 +78,7 @@ def test_no_pipelining_schedule_runs_and_averages_microbatch_losses(monkeypatch)
     batches = _batches()
     losses = [out["loss"] for out in _run_schedule(model, batches)]
     with torch.no_grad():
-        expected = [-sequence_logprobs(model, *b)[0].mean() for b in batches]
+        expected = [-sequence_logprobs(model, b)[0].mean() for b in batches]
     assert torch.allclose(torch.stack(losses), torch.stack(expected))
     monkeypatch.setattr(schedules, "torch", torch)
     with pytest.raises(CUDA_MISSING):
@@ -101,7 +104,7 @@ def test_megatron_optimizer_step_equals_adamw_after_grad_clipping():
 
     reference = build_gpt_model(CFG)
     reference.load_state_dict(initial, strict=False)
-    loss = sum(-sequence_logprobs(reference, *b)[0].mean() for b in batches) / len(batches)
+    loss = sum(-sequence_logprobs(reference, b)[0].mean() for b in batches) / len(batches)
     loss.backward()
     reference_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
     torch.optim.AdamW(reference.parameters(), lr=0.01, weight_decay=0.0).step()

@@ -1,9 +1,11 @@
 """Sequence log-probs log pi(y|x) of the Megatron model against a hand computation from
-transformers' logits, their gradients, and greedy decoding against transformers' generate."""
+transformers' logits, their gradients, packed rows (responses sharing a prompt) against one row
+per sequence, and greedy decoding against transformers' generate."""
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from metaapo_nemo.data.batching import collate
 from metaapo_nemo.distributed import init_distributed
 from metaapo_nemo.models import hf_convert
 from metaapo_nemo.models.gpt import build_gpt_model
@@ -13,11 +15,9 @@ from tests.helpers import spread_weights
 SIZES = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2)
 
-# A right-padded batch: prompt lengths 2, 5, 3; total lengths 9, 7, 4 (S = 10).
-PROMPT_LENS = torch.tensor([2, 5, 3])
-LENGTHS = torch.tensor([9, 7, 4])
-
-
+# Three sequences: prompt lengths 2, 5, 3; total lengths 9, 7, 4 (one row each).
+PROMPT_LENS = [2, 5, 3]
+LENGTHS = [9, 7, 4]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -39,29 +39,41 @@ def pair(request):
     return hf_model, model, cfg
 
 
+def _sequences(seed=0):
+    tokens = torch.randint(1, SIZES["vocab_size"], (3, 10), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [(row[:p], row[p:n]) for row, p, n in zip(tokens, PROMPT_LENS, LENGTHS)]
+
+
 def _batch(seed=0, pad_id=0):
-    tokens = torch.randint(1, SIZES["vocab_size"], (3, 10), generator=torch.Generator().manual_seed(seed))
-    tokens[torch.arange(10) >= LENGTHS[:, None]] = pad_id
-    return tokens
+    return collate(_sequences(seed), pad_id)
 
 
-def _hand_logprobs(hf_model, tokens):
-    """sum_{t=prompt_len}^{length-1} log_softmax(logits[t-1])[token t], row by row, each row
-    run alone and unpadded."""
+def _hand_logprobs(hf_model, sequences):
+    """sum over t >= len(prompt) of log_softmax(logits[t-1])[token t], each sequence run alone
+    and unpadded."""
     sums = []
-    for b in range(tokens.size(0)):
-        row = tokens[b : b + 1, : LENGTHS[b]]
+    for prompt, response in sequences:
+        row = torch.tensor([prompt + response])
         logp = torch.log_softmax(hf_model(row).logits[0].float(), dim=-1)
-        sums.append(sum(logp[t - 1, row[0, t]] for t in range(PROMPT_LENS[b], LENGTHS[b])))
+        sums.append(sum(logp[t - 1, row[0, t]] for t in range(len(prompt), row.size(1))))
     return torch.stack(sums)
+
+
+def _shared_prompt_sequences():
+    """A prompt with three responses of different lengths (one empty), one with a pair, one alone."""
+    gen = torch.Generator().manual_seed(3)
+
+    def draw(n):
+        return torch.randint(1, SIZES["vocab_size"], (n,), generator=gen).tolist()
+    a, b, c = draw(4), draw(2), draw(6)
+    return [(a, draw(7)), (b, draw(3)), (a, draw(1)), (c, draw(5)), (b, draw(9)), (a, []), (a, draw(4))]
 
 
 def test_sequence_logprobs_equal_the_hand_computation_over_response_tokens(pair):
     hf_model, model, _ = pair
-    tokens = _batch()
-    logp_sum, num_tokens = sequence_logprobs(model, tokens, PROMPT_LENS, LENGTHS)
+    logp_sum, num_tokens = sequence_logprobs(model, _batch())
     with torch.no_grad():
-        expected = _hand_logprobs(hf_model, tokens)
+        expected = _hand_logprobs(hf_model, _sequences())
     assert num_tokens.tolist() == [7, 2, 1]
     assert torch.allclose(logp_sum, expected, atol=1e-4, rtol=0)
 
@@ -69,19 +81,18 @@ def test_sequence_logprobs_equal_the_hand_computation_over_response_tokens(pair)
 def test_padding_tokens_do_not_change_the_logprobs(pair):
     _, model, _ = pair
     with torch.no_grad():
-        a, _ = sequence_logprobs(model, _batch(pad_id=0), PROMPT_LENS, LENGTHS)
-        b, _ = sequence_logprobs(model, _batch(pad_id=55), PROMPT_LENS, LENGTHS)
+        a, _ = sequence_logprobs(model, _batch(pad_id=0))
+        b, _ = sequence_logprobs(model, _batch(pad_id=55))
     assert torch.equal(a, b)
 
 
 def test_logprob_gradients_equal_transformers_gradients(pair):
     hf_model, model, cfg = pair
-    tokens = _batch(seed=1)
     weights = torch.tensor([1.0, -2.0, 0.5])  # a loss that weighs the rows differently
     model.zero_grad()
     hf_model.zero_grad()
-    (weights * sequence_logprobs(model, tokens, PROMPT_LENS, LENGTHS)[0]).sum().backward()
-    (weights * _hand_logprobs(hf_model, tokens)).sum().backward()
+    (weights * sequence_logprobs(model, _batch(seed=1))[0]).sum().backward()
+    (weights * _hand_logprobs(hf_model, _sequences(seed=1))).sum().backward()
     grads = {name: p.grad for name, p in model.named_parameters()}
     hf_grads = hf_convert.megatron_to_hf(grads, cfg)
     expected = {name: p.grad for name, p in hf_model.named_parameters() if name in hf_grads}
@@ -90,16 +101,53 @@ def test_logprob_gradients_equal_transformers_gradients(pair):
         assert torch.allclose(hf_grads[name], grad, atol=1e-5, rtol=1e-4), name
 
 
-@pytest.mark.parametrize("prompt_lens, lengths, message", [
-    ([0, 5, 3], [9, 7, 4], "at least one token"),
-    ([2, 5, 3], [9, 7, 11], "right padding"),
-    ([2, 8, 3], [9, 7, 4], "prompt_lens"),
-    ([2, 5], [9, 7], "shape"),
-])
-def test_inconsistent_spans_are_rejected(pair, prompt_lens, lengths, message):
+# float32: the packed row computes the same terms as separate rows, in other groupings (a longer
+# softmax over masked keys, other matmul shapes): ~1e-7 relative per term, and sums of up to 9
+# log-probs of a few nats each stay well within 1e-5.
+PACKED_ATOL = 1e-5
+
+
+def test_packed_rows_give_each_response_its_logprobs_alone(pair):
+    hf_model, model, _ = pair
+    sequences = _shared_prompt_sequences()
+    batch = collate(sequences, pad_id=0)
+    assert batch.tokens.size(0) == 3 and batch.attention_mask is not None  # one row per prompt
+    with torch.no_grad():
+        packed, num_tokens = sequence_logprobs(model, batch)
+        alone = torch.cat([sequence_logprobs(model, collate([s], pad_id=0))[0] for s in sequences])
+        hand = _hand_logprobs(hf_model, [s for s in sequences if s[1]])
+    assert num_tokens.tolist() == [len(r) for _, r in sequences]
+    assert packed[5] == 0  # the empty response
+    assert torch.allclose(packed, alone, atol=PACKED_ATOL, rtol=0)
+    assert torch.allclose(packed[[i for i, s in enumerate(sequences) if s[1]]], hand, atol=1e-4, rtol=0)
+
+
+def test_packed_rows_give_the_gradients_of_separate_rows(pair):
     _, model, _ = pair
-    with pytest.raises(ValueError, match=message):
-        sequence_logprobs(model, _batch(), torch.tensor(prompt_lens), torch.tensor(lengths))
+    sequences = _shared_prompt_sequences()
+    weights = torch.linspace(-1.5, 2.0, len(sequences))
+
+    def grads(batches):
+        model.zero_grad()
+        logp = torch.cat([sequence_logprobs(model, b)[0] for b in batches])
+        (weights * logp).sum().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+    packed = grads([collate(sequences, pad_id=0)])
+    separate = grads([collate([s], pad_id=0) for s in sequences])
+    for name, grad in packed.items():
+        assert torch.allclose(grad, separate[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_a_prompt_with_one_response_keeps_its_logprobs_in_a_packed_batch(pair):
+    _, model, _ = pair
+    prompt, response = _shared_prompt_sequences()[0]
+    with torch.no_grad():
+        alone, _ = sequence_logprobs(model, collate([(prompt, response)], pad_id=0))
+        # Packed beside another prompt's pair, the single response's row is masked and padded.
+        mixed = collate([(prompt, response)] + _shared_prompt_sequences()[1:5:3], pad_id=0)
+        assert mixed.attention_mask is not None and mixed.tokens.size(1) > len(prompt + response)
+        packed, _ = sequence_logprobs(model, mixed)
+    assert torch.allclose(packed[0], alone[0], atol=PACKED_ATOL, rtol=0)
 
 
 def test_greedy_decode_matches_transformers_generate(pair):
@@ -119,7 +167,7 @@ def test_bf16_model_logprobs_stay_close_to_fp32(pair):
     bf16 = build_gpt_model(cfg, dtype=torch.bfloat16)
     hf_convert.load_hf_into_model(bf16, cfg, hf_convert.export_hf_state_dict(model, cfg))
     with torch.no_grad():
-        full, _ = sequence_logprobs(model, _batch(), PROMPT_LENS, LENGTHS)
-        half, _ = sequence_logprobs(bf16, _batch(), PROMPT_LENS, LENGTHS)
+        full, _ = sequence_logprobs(model, _batch())
+        half, _ = sequence_logprobs(bf16, _batch())
     assert half.dtype == torch.float32  # the log-softmax runs in fp32
     assert torch.allclose(half, full, atol=0.05 * 7, rtol=0)  # 7 response tokens at most

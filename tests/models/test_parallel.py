@@ -1,5 +1,6 @@
 """Two gloo ranks under torchrun: tensor parallelism (TP=2) and pipeline parallelism (PP=2, the
-1F1B schedule) give transformers' numbers, and weights load into and export from the shards.
+1F1B schedule) give transformers' numbers, on rows that pack a prompt's responses too, and
+weights load into and export from the shards.
 
 The test launches this file as its own worker (the `__main__` block) so the ranks share nothing
 with the pytest process.
@@ -49,11 +50,21 @@ def _batch():
     return tokens
 
 
-def _hand_logprobs(hf_model, tokens):
-    logp = torch.log_softmax(hf_model(tokens).logits, dim=-1)
-    return torch.stack([
-        sum(logp[b, t - 1, tokens[b, t]] for t in range(PROMPT_LENS[b], LENGTHS[b])) for b in range(3)
-    ])
+def _sequences():
+    """The batch's three sequences, and two more responses to the first prompt: collated, that
+    prompt's row holds three responses behind a block mask (data.batching.collate)."""
+    rows = [(t[:p].tolist(), t[p:n].tolist()) for t, p, n in zip(_batch(), PROMPT_LENS, LENGTHS)]
+    more = torch.randint(1, SIZES["vocab_size"], (6,), generator=torch.Generator().manual_seed(2)).tolist()
+    return rows + [(rows[0][0], more[:2]), (rows[0][0], more[2:])]
+
+
+def _hand_logprobs(hf_model, sequences):
+    """Each sequence run alone through transformers, its response tokens' log-probs summed."""
+    sums = []
+    for prompt, response in sequences:
+        logp = torch.log_softmax(hf_model(torch.tensor([prompt + response])).logits[0], dim=-1)
+        sums.append(sum(logp[t - 1, (prompt + response)[t]] for t in range(len(prompt), len(prompt + response))))
+    return torch.stack(sums)
 
 
 def _canonical(hf_model, cfg):
@@ -72,6 +83,7 @@ def _assert_exported_equals(model, cfg, hf_model):
 def _tensor_parallel_checks(hf_model):
     from metaapo_nemo.models import hf_convert
     from metaapo_nemo.models.gpt import build_gpt_model
+    from metaapo_nemo.data.batching import collate
     from metaapo_nemo.models.logprobs import full_logits, sequence_logprobs
 
     cfg = hf_convert.model_config_from_hf(hf_model.config)
@@ -81,9 +93,14 @@ def _tensor_parallel_checks(hf_model):
     tokens = _batch()
     with torch.no_grad():
         assert (full_logits(model, tokens) - hf_model(tokens).logits).abs().max() <= 1e-4
-    logp_sum, _ = sequence_logprobs(model, tokens, PROMPT_LENS, LENGTHS)
-    expected = _hand_logprobs(hf_model, tokens)
+    batch = collate(_sequences(), 0)
+    assert batch.tokens.size(0) == 3 and batch.attention_mask is not None
+    logp_sum, _ = sequence_logprobs(model, batch)
+    expected = _hand_logprobs(hf_model, _sequences())
     assert torch.allclose(logp_sum, expected, atol=1e-4, rtol=0)
+    with torch.no_grad():  # the packed rows against one row per sequence, both sharded
+        alone = torch.cat([sequence_logprobs(model, collate([s], 0))[0] for s in _sequences()])
+    assert torch.allclose(logp_sum, alone, atol=1e-5, rtol=0)
     # Gradients: gather each parameter's shards as export does, compare in HF names.
     logp_sum.sum().backward()
     expected.sum().backward()
@@ -101,6 +118,7 @@ def _pipeline_parallel_checks(hf_model):
 
     from metaapo_nemo.models import hf_convert
     from metaapo_nemo.models.gpt import build_gpt_model
+    from metaapo_nemo.data.batching import collate
     from metaapo_nemo.models.logprobs import decoder_hidden_states, response_logprobs
 
     cfg = hf_convert.model_config_from_hf(hf_model.config)
@@ -108,24 +126,24 @@ def _pipeline_parallel_checks(hf_model):
     model = build_gpt_model(cfg, pre_process=parallel_state.is_pipeline_first_stage(), post_process=last)
     hf_convert.load_hf_into_model(model, cfg, hf_model.state_dict())
     assert len(model.decoder.layers) == 1
-    tokens = _batch()
+    packed = collate(_sequences(), 0)
     seen = []
 
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)
-        hidden = decoder_hidden_states(model, batch)
+        batch = next(data_iterator)  # every stage has the mask and the positions
+        hidden = decoder_hidden_states(model, batch.tokens, batch.position_ids, batch.attention_mask)
         if not last:
             return hidden, None
-        logp_sum, _ = response_logprobs(model, hidden, batch, PROMPT_LENS, LENGTHS)
+        logp_sum, _ = response_logprobs(model, hidden, batch)
         seen.append(logp_sum.detach())
         return logp_sum, lambda out: (-out.sum(), {"logp": out.detach()})
 
     get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter([tokens] * 4), model=[model],
-        num_microbatches=4, seq_length=10, micro_batch_size=3, forward_only=False,
+        forward_step_func=forward_step, data_iterator=iter([packed] * 4), model=[model],
+        num_microbatches=4, seq_length=packed.tokens.size(1), micro_batch_size=3, forward_only=False,
     )
     if last:
-        expected = _hand_logprobs(hf_model, tokens).detach()
+        expected = _hand_logprobs(hf_model, _sequences()).detach()
         assert len(seen) == 4 and all(torch.allclose(s, expected, atol=1e-4, rtol=0) for s in seen)
     _assert_exported_equals(model, cfg, hf_model)
 
