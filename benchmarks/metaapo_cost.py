@@ -101,8 +101,8 @@ def child(mode: str, overrides: list[str], log: Path) -> tuple[int, float]:
     RSS in KiB, its wall seconds). Fails with the log's tail."""
     started = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, __file__, f"--{mode}", *overrides], stdout=out, stderr=subprocess.STDOUT,
-                                cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        proc = subprocess.Popen([sys.executable, __file__, f"--{mode}", *overrides], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
         _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{mode} {' '.join(overrides)} failed; the end of {log}:\n" + log.read_text()[-3000:])
@@ -122,8 +122,6 @@ def run_numbers(out: Path, num_samples: int) -> dict:
     numbers["meta_share"] = secs.get("meta", 0.0) / secs["training"] if secs.get("training") else 0.0
     samples = summary["prompts_annotated"] * num_samples
     numbers["response_tokens_mean"] = summary["tokens"]["generation"] / samples if samples else 0.0
-    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
-    numbers["eval_response_tokens_mean"] = [e for e in evals if e["event"] == "eval"][-1]["response_tokens_mean"]
     numbers["reward_initial"], numbers["reward_final"] = summary["reward_initial"], summary["reward_final"]
     numbers["annotation_ratio"] = summary["annotation_ratio"]
     return numbers
@@ -143,8 +141,8 @@ def versions() -> dict:
             "machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": 1}
 
 
-COLUMNS = ["setting", "method", *[f"{p} s" for p in PHASES], "other s", "total s (no build)", "x online_dpo", f"{ONCE} s",
-           "peak RSS MiB", "response tokens", "reward start -> end", "annot. ratio"]
+COLUMNS = ["setting", "method", *[f"{p} s" for p in PHASES], "other s", "total s (no build)", "x online_dpo",
+           f"{ONCE} s", "peak RSS MiB", "response tokens", "reward start -> end", "annot. ratio"]
 
 
 def table(results: dict) -> str:
@@ -153,7 +151,8 @@ def table(results: dict) -> str:
         base = by_method["online_dpo"]["total"]
         for method, m in by_method.items():
             lines.append([setting, method, *[f"{m[p]:.2f}" for p in PHASES], f"{m['other']:.2f}", f"{m['total']:.2f}",
-                          f"{m['total'] / base:.3f}", f"{m[ONCE]:.2f}", f"{m['peak_rss_kib'] / 1024:.0f}", f"{m['response_tokens_mean']:.1f}",
+                          f"{m['total'] / base:.3f}", f"{m[ONCE]:.2f}", f"{m['peak_rss_kib'] / 1024:.0f}",
+                          f"{m['response_tokens_mean']:.1f}",
                           f"{m['reward_initial']:.3f} -> {m['reward_final']:.3f}", f"{m['annotation_ratio']:.3f}"])
     return markdown_table(COLUMNS, lines)
 
@@ -217,8 +216,8 @@ def profile_one(overrides: list[str]) -> None:
     print(f"\nseconds (summary.json): " + ", ".join(f"{k} {v:.2f}" for k, v in secs.items()))
     phases = sum(secs.get(p, 0.0) for p in (*PHASES, ONCE))
     unaccounted = seconds_excluding_prepare(secs) - phases
-    print(f"total {secs['total']:.2f} - prepare {secs['prepare']:.2f} - phases and {ONCE} {phases:.2f} = {unaccounted:.2f} s "
-          "outside the phases. The wrapped functions (inclusive wall seconds, calls):")
+    print(f"total {secs['total']:.2f} - prepare {secs['prepare']:.2f} - phases and {ONCE} {phases:.2f} = "
+          f"{unaccounted:.2f} s outside the phases. The wrapped functions (inclusive wall seconds, calls):")
     print(f"  {'imports before the run (a plain run: inside set-up)':58s} {imports:7.2f} s")
     for label, (calls, seconds) in timers.items():
         print(f"  {label:58s} {seconds:7.2f} s  {calls:3d} calls")
@@ -226,8 +225,8 @@ def profile_one(overrides: list[str]) -> None:
     checkpoints = timers["checkpoints"][1]
     around = timers["online pairs (refit + sampling + annotation + gather)"][1] - secs["sampling"] - secs["annotation"]
     final = timers["final HF checkpoint"][1]
-    print(f"outside the phases: set-up without the task build {setup:.2f} s, checkpoints {checkpoints:.2f} s, refit and "
-          f"gather around sampling {around:.2f} s, final HF checkpoint {final:.2f} s, rest (loop bookkeeping, "
+    print(f"outside the phases: set-up without the task build {setup:.2f} s, checkpoints {checkpoints:.2f} s, "
+          f"refit and gather around sampling {around:.2f} s, final HF checkpoint {final:.2f} s, rest (loop bookkeeping, "
           f"metrics, the summary) {unaccounted - setup - checkpoints - around - final:.2f} s")
     print("\ntop 15 operations by self CPU time (torch.profiler, the whole run):")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
@@ -242,7 +241,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated, of " + ", ".join(SETTINGS))
     parser.add_argument("--quick", action="store_true", help="shrunk task and loop, one repeat (a test)")
-    parser.add_argument("--profile", action="store_true", help="one metaapo run of the default setting under torch.profiler")
+    parser.add_argument("--profile", action="store_true",
+                        help="one metaapo run of the default setting under torch.profiler")
     parser.add_argument("overrides", nargs="*", help="more KEY=VALUE overrides for every run")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()

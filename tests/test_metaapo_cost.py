@@ -19,7 +19,8 @@ def test_quick_cost_benchmark_prints_both_ratios_and_every_phase(tmp_path):
     for setting in ("default", "generation_heavy"):
         for method in ("metaapo", "online_dpo"):
             seconds = result["seconds"][setting][method]
-            assert set(seconds) == {"scoring", "sampling", "annotation", "training", "evaluation", "meta", "other", "total", "reference"}
+            assert set(seconds) == {"scoring", "sampling", "annotation", "training", "evaluation", "meta", "other", "total",
+                                    "reference"}
             assert seconds["total"] > 0 and seconds["training"] > 0 and seconds["sampling"] > 0
             assert result["peak_rss_mib"][setting][method] > 100
         assert 0 < result["meta_share_of_training"][setting] < 1

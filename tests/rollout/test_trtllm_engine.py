@@ -288,6 +288,7 @@ def test_validation_refuses_trtllm_where_tensorrt_llm_is_absent_with_one_line():
         pytest.skip("tensorrt_llm is installed here")
     config = MetaAPOConfig()
     config.task.enabled = True
+    config.rollout.max_new_tokens = 16  # within the embedded model's positions
     config.validate()
     config.rollout.engine = "trtllm"
     with pytest.raises(ConfigError) as refused:
@@ -304,6 +305,7 @@ def test_validation_refuses_trtllm_where_tensorrt_llm_is_absent_with_one_line():
 def test_validation_accepts_trtllm_where_tensorrt_llm_imports(trtllm):
     config = MetaAPOConfig()
     config.task.enabled = True
+    config.rollout.max_new_tokens = 16  # within the embedded model's positions
     config.rollout.engine = "trtllm"
     config.validate()
 
