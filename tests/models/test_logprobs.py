@@ -102,9 +102,10 @@ def test_logprob_gradients_equal_transformers_gradients(pair):
 
 
 # float32: the packed row computes the same terms as separate rows, in other groupings (a longer
-# softmax over masked keys, other matmul shapes): ~1e-7 relative per term, and sums of up to 9
-# log-probs of a few nats each stay well within 1e-5.
-PACKED_ATOL = 1e-5
+# softmax over masked keys, other matmul shapes, other kernels on another CPU): the hidden states
+# of 4 layers differ by ~1e-6 relative, and a sum of up to 9 log-probs of a few nats was measured
+# 7.6e-6 apart here. 1e-4, the tolerance against transformers, leaves room for other rounding.
+PACKED_ATOL = 1e-4
 
 
 def test_packed_rows_give_each_response_its_logprobs_alone(pair):

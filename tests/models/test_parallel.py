@@ -100,7 +100,7 @@ def _tensor_parallel_checks(hf_model):
     assert torch.allclose(logp_sum, expected, atol=1e-4, rtol=0)
     with torch.no_grad():  # the packed rows against one row per sequence, both sharded
         alone = torch.cat([sequence_logprobs(model, collate([s], 0))[0] for s in _sequences()])
-    assert torch.allclose(logp_sum, alone, atol=1e-5, rtol=0)
+    assert torch.allclose(logp_sum, alone, atol=1e-4, rtol=0)  # other groupings of float32 sums (test_logprobs)
     # Gradients: gather each parameter's shards as export does, compare in HF names.
     logp_sum.sum().backward()
     expected.sum().backward()
