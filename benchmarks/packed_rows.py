@@ -4,9 +4,11 @@ row per sequence, on the tiny_cpu model and the toy task's real sequences, one p
     OMP_NUM_THREADS=1 python benchmarks/packed_rows.py [--reps 7] [--rounds 3] [--threads 1]
 
 Separate rows are the layout before packing: each (prompt, response) right-padded in its own row,
-causal attention with no mask. Packed rows are data.batching.collate's: one row per prompt,
-[prompt | response 1 | response 2 | ...], a block mask (each response sees the prompt and itself)
-and rotary positions that restart after the prompt. Measured, with random weights (the speed
+causal attention with no mask. Packed rows are data.batching.collate's: a prompt group
+[prompt | response 1 | response 2 | ...] behind a block mask (each response sees its prompt and
+itself) with rotary positions that restart after the prompt, several groups to a row up to
+ROW_CAPACITY (1.6) times the longest group's tokens ("packed rows"), or one group per row
+("packed rows, one prompt per row", `row_capacity=0`, the layout before rows were filled). Measured, with random weights (the speed
 does not depend on them), 16 prompts of the task (offline pairs at tiny_cpu's knobs, so spaced
 offline responses; toy_task.sft_responses standing in for the policy's online samples):
 
@@ -43,7 +45,7 @@ def main() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from metaapo_nemo.data import toy_task
-    from metaapo_nemo.data.batching import collate, encode_prompt, encode_response
+    from metaapo_nemo.data.batching import ROW_CAPACITY, collate, encode_prompt, encode_response
     from metaapo_nemo.distributed import init_distributed
     from metaapo_nemo.models.hf_convert import model_config_from_hf
     from metaapo_nemo.models.logprobs import sequence_logprobs
@@ -91,7 +93,9 @@ def main() -> None:
         def make_batch(mb):  # as MetaAPO's make_batch orders them
             on = [i for i in mb if i in annotated]
             seqs = [off_c[i] for i in mb] + [off_r[i] for i in mb] + [on_c[i] for i in on] + [on_r[i] for i in on]
-            return collate(seqs, 0) if layout == "packed" else separate_rows(seqs, 0)
+            if layout == "rows":
+                return separate_rows(seqs, 0)
+            return collate(seqs, 0, row_capacity=0 if layout == "one prompt" else ROW_CAPACITY)
 
         def loss_fn(mb, logp, ntok):
             b, m = len(mb), (len(logp) - 2 * len(mb)) // 2
@@ -109,11 +113,14 @@ def main() -> None:
     variants = {
         "fwd+bwd 16 x 4": {"separate rows": fwd_bwd(separate_rows(x4, 0)),
                            "separate rows, causal mask": fwd_bwd(separate_rows(x4, 0, causal_mask=True)),
+                           "packed rows, one prompt per row": fwd_bwd(collate(x4, 0, row_capacity=0)),
                            "packed rows": fwd_bwd(collate(x4, 0))},
         "fwd+bwd 16 x 2": {"separate rows": fwd_bwd(separate_rows(x2, 0)),
                            "separate rows, causal mask": fwd_bwd(separate_rows(x2, 0, causal_mask=True)),
+                           "packed rows, one prompt per row": fwd_bwd(collate(x2, 0, row_capacity=0)),
                            "packed rows": fwd_bwd(collate(x2, 0))},
-        "train step (16 items)": {"separate rows": step("rows"), "packed rows": step("packed")},
+        "train step (16 items)": {"separate rows": step("rows"), "packed rows, one prompt per row": step("one prompt"),
+                                  "packed rows": step("packed")},
         "scoring pass (512 pairs)": {"separate rows": scoring("rows"), "packed rows": scoring("packed")},
     }
     # Round-robin, one call of each variant in turn, so a busy spell of the machine hits all alike;
@@ -130,7 +137,7 @@ def main() -> None:
                 wall[(what, layout)].append(time.perf_counter() - started)
                 cpu[(what, layout)].append(time.process_time() - started_cpu)
 
-    print(f"\n{'what':<26} {'layout':<27} {'shape':>6} {'tokens':>6} {'wall ms':>8} {'speed-up':>8} "
+    print(f"\n{'what':<26} {'layout':<33} {'shape':>6} {'tokens':>6} {'wall ms':>8} {'speed-up':>8} "
           f"{'cpu ms':>7} {'speed-up':>8}   (medians of {args.rounds * args.reps})")
     step_seqs = x2 + [s[i] for s in (on_c, on_r) for i in annotated]
     shapes = {"fwd+bwd 16 x 4": x4, "fwd+bwd 16 x 2": x2, "train step (16 items)": step_seqs}
@@ -141,9 +148,10 @@ def main() -> None:
             w, c = statistics.median(wall[(what, layout)]), statistics.median(cpu[(what, layout)])
             shape = tokens = ""
             if what in shapes:
-                batch = collate(shapes[what], 0) if layout == "packed rows" else separate_rows(shapes[what], 0)
+                batch = (separate_rows(shapes[what], 0) if layout.startswith("separate") else
+                         collate(shapes[what], 0, row_capacity=0 if "one prompt" in layout else ROW_CAPACITY))
                 shape, tokens = "x".join(map(str, batch.tokens.shape)), batch.tokens.numel()
-            print(f"{what:<26} {layout:<27} {shape:>6} {tokens:>6} {w * 1e3:>8.1f} {base_wall / w:>7.2f}x "
+            print(f"{what:<26} {layout:<33} {shape:>6} {tokens:>6} {w * 1e3:>8.1f} {base_wall / w:>7.2f}x "
                   f"{c * 1e3:>7.1f} {base_cpu / c:>7.2f}x")
 
     policy.model.eval()
@@ -169,7 +177,7 @@ def separate_rows(sequences, pad_id: int, causal_mask: bool = False):
     return SequenceBatch(tokens=tokens, position_ids=torch.arange(width).expand_as(tokens),
                          attention_mask=mask if causal_mask else None, rows=torch.arange(len(sequences)),
                          starts=prompt_lens, prompt_lens=prompt_lens, lengths=torch.tensor(lengths),
-                         num_tokens=sum(lengths))
+                         num_tokens=sum(lengths), prompt_starts=torch.zeros(len(sequences), dtype=torch.long))
 
 
 def _cpu() -> str:

@@ -59,7 +59,7 @@ def response_logprobs(model, hidden: Tensor, batch: SequenceBatch) -> tuple[Tens
     first = (torch.cumsum(response_lens, 0) - response_lens)[which]
     offset = torch.arange(which.numel(), device=hidden.device) - first  # the token's place in its response
     rows, cols = batch.rows[which], batch.starts[which] + offset
-    predictors = torch.where(offset == 0, batch.prompt_lens[which] - 1, cols - 1)
+    predictors = torch.where(offset == 0, batch.prompt_starts[which] + batch.prompt_lens[which] - 1, cols - 1)
     predicting = hidden[predictors, rows].unsqueeze(1)  # [T, 1, H], megatron's [s, b, h] layout
     weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
     logits, _ = gpt.output_layer(predicting, weight=weight)  # [T, 1, V / TP]

@@ -51,6 +51,10 @@ class LocalRewardServer:
             _signal_group(self.process.pid, signal.SIGKILL)
             self.process.wait()
 
+    def wait_until_ready(self, timeout_s: float) -> None:
+        """Return once the server answers ``/health`` with its own instance id (see start_local_reward_server)."""
+        _wait_until_ready(self, timeout_s)
+
     def log_tail(self) -> str:
         """The end of the server's log, for error messages."""
         try:
@@ -72,6 +76,7 @@ def start_local_reward_server(
     log_file: str | None = None,
     startup_timeout_s: float = 60,
     batch_size: int | None = None,
+    wait: bool = True,
 ) -> LocalRewardServer:
     """Start a reward server on 127.0.0.1 and a free port, serving ``reward_fn`` (MODULE:FUNCTION)
     or the Hugging Face reward model in ``model_dir``; return once it answers ``/health`` at
@@ -79,6 +84,8 @@ def start_local_reward_server(
 
     Raises RewardServerError, quoting the server's log, if it exits or is not healthy within
     ``startup_timeout_s``. Its log goes to ``log_file`` (default: a new file in the temp folder).
+    With ``wait=False`` it returns as soon as the process is started, so the caller can do other
+    set-up while the server imports its web stack; ``server.wait_until_ready`` then waits.
     """
     if (reward_fn is None) == (model_dir is None):
         raise ValueError("give exactly one of reward_fn (MODULE:FUNCTION) and model_dir")
@@ -105,7 +112,8 @@ def start_local_reward_server(
             command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
     server = LocalRewardServer(process, log_file, port_file)
-    _wait_until_ready(server, startup_timeout_s)
+    if wait:
+        server.wait_until_ready(startup_timeout_s)
     return server
 
 

@@ -72,29 +72,55 @@ def test_collate_right_pads_one_row_per_prompt_with_no_mask():
 
 
 def test_collate_packs_the_responses_that_share_a_prompt_behind_one_copy_of_it():
-    # Sequences 0, 2 and 3 share prompt [1, 2]; the batch keeps the order given.
+    # Sequences 0, 2 and 3 share prompt [1, 2]; prompt [5]'s group (2 tokens) fits in the same row
+    # (capacity 1.6 x the longest group's 8 tokens), after the longer group.
     batch = collate([([1, 2], [3, 4]), ([5], [6]), ([1, 2], [7]), ([1, 2], [8, 9, 10])], pad_id=0)
-    assert batch.tokens.tolist() == [[1, 2, 3, 4, 7, 8, 9, 10], [5, 6, 0, 0, 0, 0, 0, 0]]
-    # A response's positions continue from its prompt's end, as if it followed the prompt alone.
-    assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 2, 2, 3, 4]
-    assert batch.position_ids[1, :2].tolist() == [0, 1]
-    assert batch.rows.tolist() == [0, 1, 0, 0] and batch.starts.tolist() == [2, 1, 4, 5]
+    assert batch.tokens.tolist() == [[1, 2, 3, 4, 7, 8, 9, 10, 5, 6]]
+    # A response's positions continue from its prompt's end, as if it followed the prompt alone;
+    # every prompt starts at 0.
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 2, 2, 3, 4, 0, 1]]
+    assert batch.rows.tolist() == [0, 0, 0, 0] and batch.starts.tolist() == [2, 9, 4, 5]
+    assert batch.prompt_starts.tolist() == [0, 8, 0, 0]
     assert batch.prompt_lens.tolist() == [2, 1, 2, 2] and batch.lengths.tolist() == [4, 2, 3, 5]
     assert batch.num_tokens == 10
-    # Row 0: each response attends to the prompt and causally to itself (True = masked out).
+    # Each response attends to its own prompt and causally to itself, nothing of the other group
+    # (True = masked out).
     sees = (~batch.attention_mask[0, 0]).int().tolist()
     assert sees == [
-        [1, 0, 0, 0, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0, 0, 0, 0],
-        [1, 1, 1, 0, 0, 0, 0, 0],
-        [1, 1, 1, 1, 0, 0, 0, 0],
-        [1, 1, 0, 0, 1, 0, 0, 0],
-        [1, 1, 0, 0, 0, 1, 0, 0],
-        [1, 1, 0, 0, 0, 1, 1, 0],
-        [1, 1, 0, 0, 0, 1, 1, 1],
+        [1, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 1, 1, 0, 0, 0],
+        [1, 1, 0, 0, 0, 1, 1, 1, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 1, 1],
     ]
-    # Row 1's padding sees the prompt and the padding before it, so no query row is all masked.
-    assert (~batch.attention_mask[1, 0]).int().tolist()[3] == [1, 0, 1, 1, 0, 0, 0, 0]
+
+
+def test_collate_fills_rows_first_fit_decreasing_up_to_the_capacity():
+    # Groups of 10, 7 and 3 tokens, capacity int(1.6 x 10) = 16: the 10 and the 3 share row 0, the
+    # 7 does not fit beside them and takes row 1, padded to 13.
+    sequences = [([1, 2], [3, 4, 5, 6]), ([5], [6, 6, 6, 6, 6, 6]), ([11, 12], [13]), ([1, 2], [7, 8, 9, 10])]
+    batch = collate(sequences, pad_id=0)
+    assert batch.tokens.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13],
+                                     [5, 6, 6, 6, 6, 6, 6, 0, 0, 0, 0, 0, 0]]
+    assert batch.rows.tolist() == [0, 1, 0, 0] and batch.starts.tolist() == [2, 1, 12, 6]
+    assert batch.prompt_starts.tolist() == [0, 0, 10, 0]
+    assert batch.num_tokens == 20
+    # Row 1's padding sees only the padding up to itself, so no query row is all masked, and no
+    # real token sees padding.
+    sees = ~batch.attention_mask[1, 0]
+    assert sees[9].int().tolist() == [0] * 7 + [1, 1, 1] + [0] * 3
+    assert not sees[:7, 7:].any()
+
+
+def test_collate_keeps_one_sequence_per_row_when_no_prompt_is_shared():
+    batch = collate([([1, 2], [3]), ([4], [5]), ([6], [7, 8])], pad_id=0)
+    assert batch.attention_mask is None and batch.tokens.size(0) == 3
+    assert batch.rows.tolist() == [0, 1, 2] and batch.prompt_starts.tolist() == [0, 0, 0]
 
 
 def test_collate_rejects_empty_input():

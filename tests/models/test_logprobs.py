@@ -112,7 +112,8 @@ def test_packed_rows_give_each_response_its_logprobs_alone(pair):
     hf_model, model, _ = pair
     sequences = _shared_prompt_sequences()
     batch = collate(sequences, pad_id=0)
-    assert batch.tokens.size(0) == 3 and batch.attention_mask is not None  # one row per prompt
+    # Three prompts in two rows: prompt a alone, then b and c (and their responses) in one row.
+    assert batch.tokens.size(0) == 2 and batch.attention_mask is not None and (batch.prompt_starts > 0).any()
     with torch.no_grad():
         packed, num_tokens = sequence_logprobs(model, batch)
         alone = torch.cat([sequence_logprobs(model, collate([s], pad_id=0))[0] for s in sequences])
@@ -135,8 +136,11 @@ def test_packed_rows_give_the_gradients_of_separate_rows(pair):
         return {name: p.grad.clone() for name, p in model.named_parameters()}
     packed = grads([collate(sequences, pad_id=0)])
     separate = grads([collate([s], pad_id=0) for s in sequences])
+    # Rounding relative to the tensor's scale: an entry near zero sums terms of the size of its
+    # largest neighbours (the embedding's gradient reaches ~30 here; 2.7e-5 apart was measured).
     for name, grad in packed.items():
-        assert torch.allclose(grad, separate[name], atol=1e-5, rtol=1e-4), name
+        scale = max(1.0, float(separate[name].abs().max()))
+        assert float((grad - separate[name]).abs().max()) <= 1e-5 * scale, name
 
 
 def test_a_prompt_with_one_response_keeps_its_logprobs_in_a_packed_batch(pair):

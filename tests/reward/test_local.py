@@ -50,6 +50,25 @@ def test_a_server_that_cannot_start_raises_with_its_log():
     assert time.monotonic() - started < 30
 
 
+def test_a_server_started_without_waiting_is_ready_after_wait_until_ready():
+    started = time.monotonic()
+    server = start_local_reward_server(reward_fn="tests.reward.fixtures:count_letter_a", wait=False)
+    with server:
+        assert server.process.poll() is None  # started, not waited for
+        server.wait_until_ready(60)
+        with RewardClient(server.url) as client:
+            assert client.score(["a? "], ["banana"]) == [3.0]
+    assert server.process.poll() is not None
+    assert time.monotonic() - started < 60
+
+
+def test_a_server_that_cannot_start_raises_when_waited_for():
+    server = start_local_reward_server(reward_fn="tests.reward.fixtures:missing", wait=False)
+    with pytest.raises(RewardServerError, match=r"exited with status 2[\s\S]*has no attribute 'missing'"):
+        server.wait_until_ready(30)
+    assert server.process.poll() is not None
+
+
 def test_exactly_one_reward_source_is_needed():
     with pytest.raises(ValueError, match="exactly one"):
         start_local_reward_server()
