@@ -199,6 +199,27 @@ class EmbeddedTaskConfig:
 
 
 @dataclass
+class WandbConfig:
+    project: str = "metaapo"
+    name: str = ""  # the W&B run's name; "": the name of output_dir's folder
+    entity: str = ""  # team or user; "": W&B's default entity
+    # "offline": written under <log_dir>/wandb, no network (`wandb sync` uploads it later);
+    # "online": streamed to the W&B server (needs `wandb login`); "disabled": W&B's no-op run.
+    mode: str = "offline"
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment logging under NeMo-RL's key names (metaapo_nemo/loggers.py): every numeric scalar of
+    every metrics.jsonl row, tagged <event>/<key> at the row's step, from the rank that writes
+    metrics.jsonl. metrics.jsonl is written either way."""
+    tensorboard_enabled: bool = False  # event files under <log_dir>/tensorboard (`tensorboard --logdir`)
+    wandb_enabled: bool = False  # a W&B run under <log_dir>/wandb; needs `pip install wandb`
+    log_dir: str = ""  # "": <output_dir>/logs
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
 class MetaAPOConfig:
     output_dir: str = "results/metaapo"
     seed: int = 1234
@@ -210,6 +231,7 @@ class MetaAPOConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     task: EmbeddedTaskConfig = field(default_factory=EmbeddedTaskConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
     def validate(self, on_this_machine: bool = True) -> None:
         """Raise ConfigError naming each bad key and what to set instead. on_this_machine=False: the
@@ -320,6 +342,7 @@ class MetaAPOConfig:
                 problems.append(f"rollout.engine=trtllm: {reason}")
         elif self.rollout.engine != "torch":
             problems.append(f"rollout.engine={self.rollout.engine!r}: use 'torch' or 'trtllm'")
+        problems += _logger_problems(self.logger, on_this_machine)
         if self.task.enabled:
             problems += _embedded_task_problems(self)
         if not self.task.enabled:
@@ -345,6 +368,30 @@ class MetaAPOConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _logger_problems(logger: LoggerConfig, on_this_machine: bool) -> list[str]:
+    """What the `logger` section needs: booleans, a known W&B mode, and the backends it turns on installed."""
+    import importlib.util
+
+    problems = [f"logger.{key}={getattr(logger, key)!r}: use true or false"
+                for key in ("tensorboard_enabled", "wandb_enabled") if not isinstance(getattr(logger, key), bool)]
+    if not isinstance(logger.log_dir, str):
+        problems.append(f"logger.log_dir={logger.log_dir!r}: a folder, or '' for <output_dir>/logs")
+    if not isinstance(logger.wandb, WandbConfig):
+        return problems + [f"logger.wandb={logger.wandb!r}: a section; set its keys, e.g. logger.wandb.project=NAME"]
+    if logger.wandb.mode not in ("offline", "online", "disabled"):
+        problems.append(f"logger.wandb.mode={logger.wandb.mode!r}: use 'offline', 'online' or 'disabled'")
+    for key in ("project", "name", "entity"):
+        if not isinstance(getattr(logger.wandb, key), str):
+            problems.append(f"logger.wandb.{key}={getattr(logger.wandb, key)!r}: a string")
+    if on_this_machine and logger.tensorboard_enabled is True and importlib.util.find_spec("tensorboard") is None:
+        problems.append("logger.tensorboard_enabled=true: tensorboard is not installed; pip install tensorboard, "
+                        "or set logger.tensorboard_enabled=false")
+    if on_this_machine and logger.wandb_enabled is True and importlib.util.find_spec("wandb") is None:
+        problems.append("logger.wandb_enabled=true: wandb is not installed; pip install wandb (or pip install "
+                        "'metaapo-nemo[wandb]'), or set logger.wandb_enabled=false")
+    return problems
 
 
 def _embedded_task_problems(c: MetaAPOConfig) -> list[str]:
@@ -391,16 +438,23 @@ def apply_overrides(config: Any, overrides: list[str]) -> None:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. algo.beta=0.2")
-        *parents, leaf = key.strip().split(".")
-        target = config
-        for part in parents:
-            if not hasattr(target, part):
-                raise ConfigError(f"override {item!r}: no config section {part!r}")
-            target = getattr(target, part)
-        if not dataclasses.is_dataclass(target) or leaf not in {f.name for f in dataclasses.fields(target)}:
-            valid = ", ".join(f.name for f in dataclasses.fields(target)) if dataclasses.is_dataclass(target) else ""
-            raise ConfigError(f"override {item!r}: unknown key {leaf!r}; valid keys here: {valid}")
+        target, leaf = _key_owner(config, key.strip(), f"override {item!r}")
         setattr(target, leaf, _parse_value(raw.strip()))
+
+
+def _key_owner(config: Any, key: str, what: str) -> tuple[Any, str]:
+    """The dataclass that holds dotted `key` of `config`, and the key's last part; a ConfigError
+    naming `what` (the override, or the file and key) when a section or key does not exist."""
+    *parents, leaf = key.split(".")
+    target = config
+    for part in parents:
+        if not hasattr(target, part):
+            raise ConfigError(f"{what}: no config section {part!r}")
+        target = getattr(target, part)
+    if not dataclasses.is_dataclass(target) or leaf not in {f.name for f in dataclasses.fields(target)}:
+        valid = ", ".join(f.name for f in dataclasses.fields(target)) if dataclasses.is_dataclass(target) else ""
+        raise ConfigError(f"{what}: unknown key {leaf!r}; valid keys here: {valid}")
+    return target, leaf
 
 
 def _parse_value(raw: str) -> Any:
@@ -413,3 +467,125 @@ def _parse_value(raw: str) -> Any:
         return ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         return raw
+
+
+# Configs as files (`metaapo run --config FILE`, README "Configs as files"). The keys NeMo-Run's
+# serialiser writes next to a Partial's and a Config's arguments (`nemo llm metaapo --to-yaml`).
+NEMO_RUN_KEYS = ("_target_", "_partial_")
+
+
+def load_config_file(config: Any, path: str | os.PathLike) -> None:
+    """Apply the YAML file `path` (omegaconf) to the dataclass tree `config` in place: nested sections
+    as the dataclasses nest (`algo: {beta: 0.2}`, top-level `output_dir`, `seed`), every section and
+    key optional (absent ones keep config's values), NeMo-Run's `_target_` / `_partial_` ignored, so
+    that the file `nemo llm metaapo --to-yaml` writes loads too. A file that cannot be read or parsed,
+    an unknown section or key (the messages of apply_overrides) and a value of the wrong type raise
+    a one-line ConfigError naming the file and the key. The caller validates the result."""
+    import yaml
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        tree = OmegaConf.load(path)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path}: cannot read it: {e.strerror or one_line(e)}") from None
+    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path}: not valid YAML: {one_line(e)}") from None
+    try:
+        tree = OmegaConf.to_container(tree, resolve=True)  # ${...} interpolations resolved
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config file {path}: {one_line(e)}") from None
+    if not tree:  # an empty file: nothing to change
+        return
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of config keys and sections "
+                          f"(e.g. `algo: {{beta: 0.2}}`), got a {type(tree).__name__}")
+    _apply_tree(config, tree, "", f"config file {path}")
+
+
+def _apply_tree(target: Any, tree: dict, prefix: str, where: str) -> None:
+    import typing
+
+    for name, value in tree.items():
+        if name in NEMO_RUN_KEYS:
+            continue
+        key = f"{prefix}{name}"
+        if isinstance(value, dict) and "." not in str(name) and not hasattr(target, str(name)):
+            raise ConfigError(f"{where}: {key}: no config section {name!r}")  # as apply_overrides says it
+        owner, leaf = _key_owner(target, str(name), f"{where}: {key}")  # a dotted `algo.beta: 0.2` too
+        current = getattr(owner, leaf)
+        if dataclasses.is_dataclass(current):
+            if value is None:  # `section:` with every key commented out
+                continue
+            if not isinstance(value, dict):
+                example = dataclasses.fields(current)[0].name
+                raise ConfigError(f"{where}: {key}={value!r}: {key} is a config section: give its keys, "
+                                  f"e.g. `{name}: {{{example}: ...}}`")
+            _apply_tree(current, value, f"{key}.", where)
+            continue
+        expected = typing.get_type_hints(type(owner)).get(leaf, Any)
+        if not _is_of_type(value, expected):
+            hint = " (quote it to make it a string)" if str in _type_members(expected) \
+                and isinstance(value, (bool, int, float)) else ""
+            raise ConfigError(f"{where}: {key}={value!r}: expected {_describe_type(expected)}{hint}")
+        setattr(owner, leaf, value)
+
+
+def _type_members(tp: Any) -> tuple:
+    import typing
+
+    return typing.get_args(tp) if typing.get_origin(tp) is Union else (tp,)
+
+
+def _is_of_type(value: Any, tp: Any) -> bool:
+    """Whether a YAML value fits a config field's annotation (an int fits a float field)."""
+    import typing
+
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin is Union:
+        return any(_is_of_type(value, member) for member in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin in (list, tuple):  # YAML has lists only; the items are checked against the first argument
+        args = typing.get_args(tp)
+        return isinstance(value, list) and (not args or all(_is_of_type(v, args[0]) for v in value))
+    if origin is dict:
+        return isinstance(value, dict)
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True  # an annotation this reader does not know: validate() has the last word
+
+
+def _describe_type(tp: Any) -> str:
+    import typing
+
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", type(None): "null"}
+    members = _type_members(tp)
+    if len(members) > 1:
+        return " or ".join(_describe_type(m) for m in members)
+    if typing.get_origin(tp) in (list, tuple):
+        return "a list" + (f" of {_describe_type(typing.get_args(tp)[0]).split(' ', 1)[-1]}s"
+                           if typing.get_args(tp) else "")
+    if typing.get_origin(tp) is dict:
+        return "a mapping"
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def dump_config_file(config: Any, header: str = "") -> str:
+    """`config` as the plain nested YAML load_config_file reads (every key, sections as they nest)."""
+    from omegaconf import OmegaConf
+
+    text = OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(config)))
+    return "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines()) + text

@@ -49,10 +49,11 @@ class Console:
 
 
 class MetricsWriter:
-    """Appends JSON lines to output_dir/metrics.jsonl; every line carries `step` and `iteration`."""
+    """Appends JSON lines to output_dir/metrics.jsonl; every line carries `step` and `iteration`.
+    `loggers` (loggers.ExperimentLoggers) get every row written, for TensorBoard and W&B."""
 
-    def __init__(self, path: str | Path, enabled: bool = True):
-        self.path, self.enabled = Path(path), enabled
+    def __init__(self, path: str | Path, enabled: bool = True, loggers=None):
+        self.path, self.enabled, self.loggers = Path(path), enabled, loggers
 
     def write(self, event: str, step: int, iteration: int, **values) -> None:
         if not self.enabled:
@@ -60,6 +61,8 @@ class MetricsWriter:
         row = {"event": event, "step": step, "iteration": iteration, **{k: _plain(v) for k, v in values.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.loggers is not None:
+            self.loggers.log(event, step, row)
 
     def read(self) -> list[dict]:
         if not self.path.exists():
@@ -79,6 +82,19 @@ class MetricsWriter:
             with open(self.path, "rb") as f:
                 kept = [line for _, line in zip(range(lines), f)]
             self.path.write_bytes(b"".join(kept))
+        if self.enabled and self.loggers is not None:
+            # The loggers restart at the last kept step, and get that step's rows again: TensorBoard's
+            # purge drops whatever the interrupted run logged from that step on.
+            rows = self.read()
+            step = rows[-1]["step"] if rows else 0
+            self.loggers.restart_at(step)
+            for row in (r for r in rows if r["step"] == step):
+                self.loggers.log(row["event"], step, row)
+
+    def close(self) -> None:
+        """Flush and close the loggers: at the end of the run, finished or failed."""
+        if self.loggers is not None:
+            self.loggers.close()
 
 
 def _plain(value):

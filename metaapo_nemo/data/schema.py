@@ -2,8 +2,9 @@
 schema", UltraFeedback-binarized compatible).
 
 A file is JSON Lines (``.jsonl`` or ``.json``, one object per line, UTF-8 with or without a BOM),
-Parquet (``.parquet``) or a folder written by ``datasets.Dataset.save_to_disk``. A preference
-record holds:
+Parquet (``.parquet``) or a folder written by ``datasets.Dataset.save_to_disk``; or a dataset split
+named ``NAME[:SPLIT]`` (a ``DatasetDict.save_to_disk`` folder, a folder of a dataset's files, or a
+Hub dataset in the local cache, read offline: see ``hf_datasets``). A preference record holds:
 
 - ``prompt``: a non-empty string;
 - ``chosen``, ``rejected``: each a non-empty string (the answer), or a list of chat messages
@@ -51,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from metaapo_nemo.config import ConfigError, one_line
+from metaapo_nemo.data import hf_datasets
 
 Messages = list[dict[str, str]]
 
@@ -197,7 +199,8 @@ def _dataset_folder_records(path: Path) -> Iterator[tuple[int, str, Any]]:
         dataset = datasets.load_from_disk(str(path))
     except Exception as error:  # datasets raises FileNotFoundError, ValueError or Arrow's errors
         parquet = next(path.rglob("*.parquet"), None)
-        fix = (f"it holds Parquet files: point the path at one, e.g. {parquet}" if parquet
+        fix = (f"it holds Parquet files: point the path at one, e.g. {parquet}, or name a split of the "
+               f"folder, e.g. {path}:{_split_of(parquet)}" if parquet
                else "give a .jsonl or .parquet file or a save_to_disk folder")
         raise DataError(
             f"{path}: a folder, but not one written by datasets' save_to_disk ({one_line(error)}); {fix}"
@@ -206,11 +209,16 @@ def _dataset_folder_records(path: Path) -> Iterator[tuple[int, str, Any]]:
         if len(dataset) != 1:
             raise DataError(
                 f"{path}: holds the splits {sorted(dataset)}; point the path at one split's folder, "
-                f"e.g. {path / sorted(dataset)[0]}"
+                f"e.g. {path / sorted(dataset)[0]}, or name the split: {path}:{sorted(dataset)[0]}"
             )
         (dataset,) = dataset.values()
     for index, row in enumerate(dataset, start=1):
         yield index, f"{path}, record {index}", row
+
+
+def _split_of(data_file: Path) -> str:
+    """The split datasets maps a data file to by its name (train_prefs-00000-of-00001.parquet: train_prefs)."""
+    return re.split(r"[-.]", data_file.name, maxsplit=1)[0] or "train"
 
 
 def _text(text: str, field: str, where: str) -> str:
@@ -326,12 +334,19 @@ def _prompt_id(record: dict, where: str, default: str) -> str:
     return str(prompt_id)
 
 
-def _load(path: str | Path, skip_invalid: bool, parse) -> tuple[list, int]:
+def _load(path: str | Path, skip_invalid: bool, parse, role: str) -> tuple[list, int]:
     """Read every record of ``path`` through ``parse(record, where, prompt_id)``; handle errors,
-    duplicate ids and skipping the same way for preference data and eval prompts."""
-    path = Path(path)
+    duplicate ids and skipping the same way for preference data and eval prompts. ``path`` may
+    also name a dataset split (``hf_datasets``); ``role`` (train or eval) picks its default split."""
+    reference = hf_datasets.parse(str(path))
+    if reference is None:
+        path = Path(path)
+        records = _records(path)
+    else:
+        path = reference.value
+        records = hf_datasets.rows(reference, role)
     items, skipped, first_seen = [], 0, {}
-    for number, where, record in _records(path):
+    for number, where, record in records:
         try:
             if isinstance(record, DataError):
                 raise record
@@ -376,7 +391,7 @@ def load_preferences(path: str | Path, skip_invalid: bool = False) -> tuple[list
             )
         return PreferenceRecord(prompt_id, prompt, chosen, rejected, where)
 
-    return _load(path, skip_invalid, parse)
+    return _load(path, skip_invalid, parse, "train")
 
 
 def load_eval_prompts(path: str | Path, skip_invalid: bool = False) -> tuple[list[EvalPrompt], int]:
@@ -395,4 +410,4 @@ def load_eval_prompts(path: str | Path, skip_invalid: bool = False) -> tuple[lis
             raise DataError(f"{where}: 'prompt' is missing; every eval record needs a 'prompt' string")
         return EvalPrompt(prompt_id, prompt, where)
 
-    return _load(path, skip_invalid, parse)
+    return _load(path, skip_invalid, parse, "eval")

@@ -2,10 +2,12 @@
 
 Registered through the `nemo_run.cli` entry point named `llm` (pyproject.toml). NeMo-Run imports
 this module on every `nemo llm ...` call, so it imports nothing heavy: torch and megatron load
-only when the job runs. `--recipe NAME` is an alias of NeMo-Run's `--factory NAME`.
+only when the job runs. `--recipe NAME` is an alias of NeMo-Run's `--factory NAME`; `--yaml F`
+loads what `--to-yaml F` writes (RecipeRunContext.parse_fn).
 """
 
 import dataclasses
+import os
 
 import nemo_run as run
 
@@ -42,6 +44,20 @@ class RecipeRunContext(run.cli.RunContext):
                 f"unknown recipe {self.factory!r}; available: {', '.join(sorted(recipes.RECIPES))}")
         return super().cli_execute(fn, args, entrypoint_type)
 
+    def parse_fn(self, fn, args, **default_kwargs):
+        # `--yaml FILE`: NeMo-Run's --to-yaml writes the run.Partial's `_target_` and `_partial_: true`
+        # at the file's root, and its --yaml reader turns every root key into an argument of the
+        # entry point; it skips `_target_` only, so `_partial_=True` is refused. Hand it the file's
+        # tree without them (a fresh copy per call: NeMo-Run edits the tree it reads).
+        path = self.yaml
+        if not isinstance(path, (str, os.PathLike)):
+            return super().parse_fn(fn, args, **default_kwargs)
+        self.yaml = _run_yaml(path)
+        try:
+            return super().parse_fn(fn, args, **default_kwargs)
+        finally:
+            self.yaml = path
+
     def _execute_task(self, fn, task_args):
         # No executor: NeMo-Run runs the task in this process, as before. With one, launch.executors
         # builds the experiment (a het job when reward_nodes is set) and --dryrun prints its scripts.
@@ -63,6 +79,44 @@ class RecipeRunContext(run.cli.RunContext):
                                 executor=self.executor))
 
 
+def _run_yaml(path):
+    """The `--yaml` file as the DictConfig NeMo-Run's reader takes: the root's `_target_` (which must
+    be this entry point, when given) and `_partial_` left out; a file that cannot be read is one line."""
+    from nemo_run.cli.config import ConfigSerializer
+    from omegaconf import OmegaConf
+
+    try:
+        tree = ConfigSerializer().load_dict(path)
+    except Exception as e:  # no such file, not YAML/JSON/TOML, an unknown extension
+        raise run.cli.api.RunContextError(f"--yaml {path}: {C.one_line(e)}") from None
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise run.cli.api.RunContextError(f"--yaml {path}: expected a mapping of config keys and sections, "
+                                          f"got a {type(tree).__name__}")
+    tree = dict(tree)
+    tree.pop("_partial_", None)
+    target = tree.pop("_target_", None)
+    if target is not None and target != f"{__name__}.metaapo":
+        raise run.cli.api.RunContextError(f"--yaml {path}: written for {target}, not for nemo llm metaapo "
+                                          f"({__name__}.metaapo)")
+    return OmegaConf.create(_quote_strings(tree))
+
+
+def _quote_strings(tree: dict) -> dict:
+    """NeMo-Run passes the file's values on as `key=value` text, where '' is no value at all and
+    'None' or '1' would not stay strings: quote every string (its parser takes the quotes off).
+    Its own `_target_` / `_factory_` names stay bare."""
+    def quote(key, value):
+        if isinstance(value, dict):
+            return _quote_strings(value)
+        if isinstance(value, str) and not (key.startswith("_") and key.endswith("_")):
+            return f'"{value}"' if "'" in value else f"'{value}'"
+        return value
+
+    return {key: quote(key, value) for key, value in tree.items()}
+
+
 def metaapo(
     output_dir: str = "results/metaapo",
     seed: int = 1234,
@@ -74,10 +128,11 @@ def metaapo(
     rollout: C.RolloutConfig = None,
     trainer: C.TrainerConfig = None,
     task: C.EmbeddedTaskConfig = None,
+    logger: C.LoggerConfig = None,
 ) -> None:
     """MetaAPO: meta-weighted adaptive preference optimisation (Algorithm 1) on megatron-core."""
     sections = dict(policy=policy, reference=reference, data=data, reward=reward, algo=algo,
-                    rollout=rollout, trainer=trainer, task=task)
+                    rollout=rollout, trainer=trainer, task=task, logger=logger)
     config = C.MetaAPOConfig(output_dir=output_dir, seed=seed,
                              **{k: v for k, v in sections.items() if v is not None})
     # Raised, not returned: NeMo-Run ignores the task's return value, and would turn an exception

@@ -96,7 +96,7 @@ def model_config_from_hf(hf_config) -> ModelConfig:
 
 def hf_config_from_model_config(cfg: ModelConfig, **extra):
     """transformers config for `cfg`: Qwen2Config when it has a qkv bias, else LlamaConfig.
-    `extra` goes to the config as is (token ids, torch_dtype, ...)."""
+    `extra` goes to the config as is (token ids, torch_dtype, architectures, ...)."""
     from transformers import LlamaConfig, Qwen2Config
 
     rope_scaling = None
@@ -117,8 +117,8 @@ def hf_config_from_model_config(cfg: ModelConfig, **extra):
         hidden_act="silu",
     )
     if cfg.qkv_bias:
-        return Qwen2Config(**common, architectures=["Qwen2ForCausalLM"], **extra)
-    return LlamaConfig(**common, architectures=["LlamaForCausalLM"], attention_bias=False, **extra)
+        return Qwen2Config(**common, **{"architectures": ["Qwen2ForCausalLM"], **extra})
+    return LlamaConfig(**common, attention_bias=False, **{"architectures": ["LlamaForCausalLM"], **extra})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,18 +365,21 @@ def load_hf_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, 
 
 
 def save_hf_checkpoint(
-    path: str | os.PathLike, cfg: ModelConfig, hf_state_dict: dict[str, Tensor], tokenizer=None
+    path: str | os.PathLike, cfg: ModelConfig, hf_state_dict: dict[str, Tensor], tokenizer=None,
+    config_extra: dict | None = None,
 ) -> None:
     """Write a folder `AutoModelForCausalLM.from_pretrained` loads: config.json,
     model.safetensors and (given a tokenizer) its files. Written beside `path` under a temporary
-    name and renamed into place, so a crash never leaves a half-written checkpoint at `path`."""
+    name and renamed into place, so a crash never leaves a half-written checkpoint at `path`.
+    `config_extra`: more config.json fields, as hf_config_from_model_config takes them (a reward
+    model's architectures and num_labels)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        hf_config_from_model_config(cfg).save_pretrained(tmp)
+        hf_config_from_model_config(cfg, **(config_extra or {})).save_pretrained(tmp)
         tensors = {k: v.detach().contiguous().cpu() for k, v in hf_state_dict.items()}
         if cfg.tie_word_embeddings:
             tensors.pop("lm_head.weight", None)  # safetensors refuses shared storage
