@@ -47,8 +47,10 @@ class ReferenceConfig:
 
 @dataclass
 class DataConfig:
-    train: Optional[str] = None  # preference pairs (.jsonl, .parquet or a datasets.save_to_disk folder)
-    eval: Optional[str] = None  # held-out prompts, same formats; `prompt` is enough
+    # Preference pairs: .jsonl, .parquet or a datasets.save_to_disk folder, or a dataset split read
+    # offline, NAME[:SPLIT] (DIR:SPLIT, OWNER/NAME:SPLIT from the local cache; data/hf_datasets.py).
+    train: Optional[str] = None
+    eval: Optional[str] = None  # held-out prompts, same forms; `prompt` is enough
     skip_invalid: bool = False  # skip and count records that break the schema instead of stopping
     # A prompt over policy.max_prompt_length tokens: false, the run stops naming the record (or
     # skips it under skip_invalid); true, its last max_prompt_length tokens are kept, as TRL does.
@@ -349,7 +351,7 @@ class MetaAPOConfig:
             if self.policy.hf_path is None:
                 problems.append("policy.hf_path is not set: give a Hugging Face checkpoint folder (or use --recipe tiny_cpu)")
             if self.data.train is None:
-                problems.append("data.train is not set: give a preference file (jsonl/parquet/save_to_disk folder)")
+                problems.append("data.train is not set: give a preference file (jsonl/parquet/save_to_disk folder) or NAME:SPLIT")
             if self.data.eval is None:
                 problems.append("data.eval is not set: give a file of held-out prompts")
             if self.reward.url is None and self.reward.reward_fn is None and self.reward.model_dir is None:

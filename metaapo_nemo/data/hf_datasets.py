@@ -25,6 +25,7 @@ import contextlib
 import glob
 import os
 import re
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,11 +81,12 @@ def rows(reference: DatasetReference, role: str) -> Iterator[tuple[int, str, Any
     ``train`` or ``eval`` (it picks the default split)."""
     import datasets
 
-    with _offline():
+    # A folder of data files is streamed: nothing to keep, so its builder's lock files go to a scratch folder.
+    with _offline(), tempfile.TemporaryDirectory(prefix="metaapo-datasets-") as scratch:
         if reference.local:
-            dataset = _local(reference, role, datasets)
+            dataset = _local(reference, role, datasets, scratch)
         else:
-            dataset = _cached(reference, role, datasets)
+            dataset = _cached(reference, role, datasets, scratch)
         for index, row in enumerate(dataset, start=1):
             yield index, f"{reference.value}, record {index}", row
 
@@ -122,7 +124,7 @@ def _pick_split(reference: DatasetReference, splits: list[str], role: str) -> st
                        f"split: {reference.name}:{splits[0]}")
 
 
-def _local(reference: DatasetReference, role: str, datasets):
+def _local(reference: DatasetReference, role: str, datasets, scratch: str):
     """A save_to_disk folder, else a folder of data files (a downloaded dataset repository)."""
     folder = reference.name
     if any(os.path.exists(os.path.join(folder, name))
@@ -136,20 +138,32 @@ def _local(reference: DatasetReference, role: str, datasets):
             raise _error(f"{reference.value}: {folder} holds a single dataset, which has no splits; "
                                f"drop ':{reference.split}'")
         return saved[_pick_split(reference, sorted(saved), role)]
-    return _data_files(reference, folder, role, datasets)
+    return _data_files(reference, folder, role, datasets, scratch)
 
 
-def _data_files(reference: DatasetReference, folder: str, role: str, datasets):
+def folder_splits(folder: str | Path) -> list[str]:
+    """The splits ``datasets.load_dataset(folder)`` finds in a folder of data files (by the files'
+    names); [] when it finds none or cannot tell. For hints in error messages."""
+    import datasets
+
+    try:
+        with _offline(), tempfile.TemporaryDirectory(prefix="metaapo-datasets-") as scratch:
+            return sorted(datasets.load_dataset_builder(str(folder), cache_dir=scratch).config.data_files or {})
+    except Exception:  # only a hint: any failure means no hint
+        return []
+
+
+def _data_files(reference: DatasetReference, folder: str, role: str, datasets, scratch: str):
     """Stream one split of a folder of data files, as ``datasets.load_dataset(folder)`` maps them."""
     try:
-        builder = datasets.load_dataset_builder(folder)
+        builder = datasets.load_dataset_builder(folder, cache_dir=scratch)
         splits = sorted(builder.config.data_files or {})
     except Exception as error:  # datasets raises FileNotFoundError, ValueError, DataFilesNotFoundError
         raise _error(f"{reference.value}: {folder} holds no dataset datasets can read ({one_line(error)}); "
                            "give a save_to_disk folder, a folder of Parquet/JSON Lines files, or a file") from error
     split = _pick_split(reference, splits, role)
     try:
-        return datasets.load_dataset(folder, split=split, streaming=True)
+        return datasets.load_dataset(folder, split=split, streaming=True, cache_dir=scratch)
     except Exception as error:
         raise _error(f"{reference.value}: split '{split}' of {folder} cannot be read "
                            f"({one_line(error)}); check its files") from error
@@ -163,7 +177,7 @@ def _cache_folder(name: str, cache: str) -> str:
     return os.path.join(cache, "___".join(parts))
 
 
-def _cached(reference: DatasetReference, role: str, datasets):
+def _cached(reference: DatasetReference, role: str, datasets, scratch: str):
     """A Hub dataset from the datasets cache (what load_dataset prepared), else the Hub cache."""
     import huggingface_hub
     import huggingface_hub.constants
@@ -191,7 +205,7 @@ def _cached(reference: DatasetReference, role: str, datasets):
     except Exception:  # LocalEntryNotFoundError, or a name the Hub's rules refuse
         snapshot = None
     if snapshot is not None:
-        return _data_files(reference, snapshot, role, datasets)
+        return _data_files(reference, snapshot, role, datasets, scratch)
     raise _error(
         f"{reference.value}: dataset {name} is not in the local cache ({cache}, nor the Hub cache {hub_cache}) "
         "and this run does not download; on a machine with network run "

@@ -198,9 +198,10 @@ def _dataset_folder_records(path: Path) -> Iterator[tuple[int, str, Any]]:
     try:
         dataset = datasets.load_from_disk(str(path))
     except Exception as error:  # datasets raises FileNotFoundError, ValueError or Arrow's errors
-        parquet = next(path.rglob("*.parquet"), None)
-        fix = (f"it holds Parquet files: point the path at one, e.g. {parquet}, or name a split of the "
-               f"folder, e.g. {path}:{_split_of(parquet)}" if parquet
+        parquet = min(path.rglob("*.parquet"), default=None)
+        splits = hf_datasets.folder_splits(path) if parquet else []
+        split = f", or name a split of the folder, e.g. {path}:{splits[0]}" if splits else ""
+        fix = (f"it holds Parquet files: point the path at one, e.g. {parquet}{split}" if parquet
                else "give a .jsonl or .parquet file or a save_to_disk folder")
         raise DataError(
             f"{path}: a folder, but not one written by datasets' save_to_disk ({one_line(error)}); {fix}"
@@ -214,11 +215,6 @@ def _dataset_folder_records(path: Path) -> Iterator[tuple[int, str, Any]]:
         (dataset,) = dataset.values()
     for index, row in enumerate(dataset, start=1):
         yield index, f"{path}, record {index}", row
-
-
-def _split_of(data_file: Path) -> str:
-    """The split datasets maps a data file to by its name (train_prefs-00000-of-00001.parquet: train_prefs)."""
-    return re.split(r"[-.]", data_file.name, maxsplit=1)[0] or "train"
 
 
 def _text(text: str, field: str, where: str) -> str:

@@ -37,12 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="without --eval: this share of --data, drawn by --seed, is held out (default 0.1)")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="where the reward model is written (replaced if it exists)")
-    parser.add_argument("--epochs", type=int, default=1, help="passes over the training pairs (the paper: 1)")
-    parser.add_argument("--lr", type=float, default=1e-5, help="Adam learning rate, constant")
-    parser.add_argument("--batch-size", type=int, default=8, help="pairs per optimiser step")
+    parser.add_argument("--epochs", type=int, default=1, help="passes over the training pairs (default 1, as the paper)")
+    parser.add_argument("--lr", type=float, default=1e-5, help="Adam learning rate, constant (default 1e-5)")
+    parser.add_argument("--batch-size", type=int, default=8, help="pairs per optimiser step (default 8)")
     parser.add_argument("--max-length", type=int, default=1024,
-                        help="pairs with a text longer than this many tokens are left out (and counted)")
-    parser.add_argument("--seed", type=int, default=1234, help="the held-out draw and the order of the pairs")
+                        help="pairs with a text longer than this many tokens are left out and counted (default 1024)")
+    parser.add_argument("--seed", type=int, default=1234, help="the held-out draw and the order of the pairs (default 1234)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:

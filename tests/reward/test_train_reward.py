@@ -7,7 +7,9 @@ import random
 import httpx
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM, LlamaModel
+from transformers import (
+    AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM, LlamaModel, Qwen2Config, Qwen2ForCausalLM,
+)
 
 from metaapo_nemo import cli
 from metaapo_nemo.data import toy_task
@@ -101,7 +103,7 @@ def test_training_on_a_separable_preference_lifts_held_out_accuracy_from_chance_
 
 
 def test_the_saved_folder_scores_like_the_trained_model_in_transformers_and_behind_the_server(trained, sft_dir):
-    out, _, _ = trained
+    out, summary, _ = trained
     rows = _pairs(4, seed=3)
     prompts = [row["prompt"] for row in rows for _ in range(2)]
     responses = [row[key] for row in rows for key in ("chosen", "rejected")]
@@ -121,11 +123,38 @@ def test_the_saved_folder_scores_like_the_trained_model_in_transformers_and_behi
     with torch.no_grad():
         alone = [hf_model(input_ids=torch.tensor([ids])).logits[0, 0].item() for ids in sequences]
     assert alone == pytest.approx(expected, abs=1e-4)
+    # ... and those weights are the trained ones: the held-out mean margin the trained model printed.
+    assert _mean_margin(hf_model, out.parent / "eval.jsonl") == pytest.approx(summary["epochs"][-1]["mean_margin"], abs=1e-4)
     with start_local_reward_server(model_dir=str(out), batch_size=3) as server:
         answer = httpx.post(f"{server.url}/get_reward", json={"query": [p + r for p, r in zip(prompts, responses)],
                                                              "prompts": prompts}, timeout=30, trust_env=False)
     assert answer.status_code == 200, answer.text
     assert answer.json()["rewards"] == pytest.approx(expected, abs=1e-4)
+
+
+def _mean_margin(hf_model, pairs_file) -> float:
+    """The mean of r(chosen) - r(rejected) over a pairs file, each text scored alone by transformers."""
+    tokenizer = toy_task.build_tokenizer()
+    rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+    with torch.no_grad():
+        rewards = {text: hf_model(input_ids=torch.tensor([token_ids(tokenizer, text)])).logits[0, 0].item()
+                   for row in rows for text in (row["prompt"] + row["chosen"], row["prompt"] + row["rejected"])}
+    return sum(rewards[row["prompt"] + row["chosen"]] - rewards[row["prompt"] + row["rejected"]] for row in rows) / len(rows)
+
+
+def test_a_qwen2_sft_model_becomes_a_qwen2_reward_model_scoring_as_trained(tmp_path):
+    """Qwen2: a qkv bias and tied embeddings, which the reward model's folder must carry over."""
+    tokenizer = toy_task.build_tokenizer()
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(**SIZES, tie_word_embeddings=True, pad_token_id=0)).save_pretrained(tmp_path / "sft")
+    tokenizer.save_pretrained(tmp_path / "sft")
+    train, held_out = _write(tmp_path / "train.jsonl", _pairs(64, seed=1)), _write(tmp_path / "eval.jsonl", _pairs(16, seed=2))
+    summary = train_reward_model(str(tmp_path / "sft"), str(train), str(tmp_path / "rm"), eval_path=str(held_out),
+                                 lr=3e-3, batch_size=16, max_length=32, log=lambda line: None)
+    hf_model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm", dtype=torch.float32).eval()
+    assert type(hf_model).__name__ == "Qwen2ForSequenceClassification"
+    assert abs(summary["epochs"][-1]["mean_margin"]) > 1e-3
+    assert _mean_margin(hf_model, held_out) == pytest.approx(summary["epochs"][-1]["mean_margin"], abs=1e-4)
 
 
 def test_a_missing_init_folder_is_one_line_and_exit_status_2(tmp_path, capsys):
