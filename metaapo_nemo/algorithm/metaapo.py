@@ -29,6 +29,12 @@ from pathlib import Path
 
 import torch
 
+from metaapo_nemo import quiet
+
+# Before megatron loads (metaapo_nemo.distributed imports it): its import-time warnings go to the run's
+# log file (output_dir/console.log), not the console.
+quiet.install()
+
 from metaapo_nemo.algorithm.diagnostics import changed_decisions, probe_order, untrained_meta_learner, win_rate
 from metaapo_nemo.algorithm.meta_learner import MetaBuffer, MetaLearner, make_meta_optimizer, meta_update
 from metaapo_nemo.algorithm.objectives import Objective, PairLogps, meta_weighted_loss
@@ -43,7 +49,7 @@ from metaapo_nemo.distributed import (
     all_gather_objects, all_reduce_sum, barrier, data_parallel_rank, broadcast_module, data_parallel_size, is_loss_rank, world_rank, world_size,
 )
 from metaapo_nemo.loggers import ExperimentLoggers
-from metaapo_nemo.metrics import Console, MetricsWriter
+from metaapo_nemo.metrics import Console, MetricsWriter, summary_table
 from metaapo_nemo.reward.client import RewardServerError
 
 
@@ -153,6 +159,7 @@ class MetaAPORun:
         from metaapo_nemo.distributed import use_cuda
         from metaapo_nemo.launch.plan import require_gpus
 
+        quiet.install()  # third-party warnings off the console (to output_dir/console.log, attached below)
         # Before anything loads: a run that asks for GPUs on a machine without them stops here, in one line.
         require_gpus(self.config, torch.cuda.is_available())
         from metaapo_nemo.preflight import check_inputs
@@ -187,6 +194,8 @@ class MetaAPORun:
         self.rank0 = is_rank0()
         self.console = Console(enabled=self.rank0)
         self.out.mkdir(parents=True, exist_ok=True)
+        # Every console line and every third-party warning (rank 0; the other ranks' are the same).
+        quiet.attach(self.out / "console.log" if self.rank0 else None)
         self._lock_output_dir()
         if self.rank0:  # left by the run that asked for this one
             (self.out / REQUEUE_MARKER).unlink(missing_ok=True)
@@ -416,6 +425,7 @@ class MetaAPORun:
                 self.ledger.close()
             if hasattr(self, "metrics"):
                 self.metrics.close()
+            quiet.detach()
 
     def _iteration(self, t: int, resume: IterationState | None) -> None:
         c, s = self.config, self.state
@@ -461,7 +471,8 @@ class MetaAPORun:
             ref_off = cached.rows(self.slices[t]) if cached is not None else self._reference_logps(offline)
         score_off = loss_off = w = None
         if strategy.needs_offline_score:
-            pol, ntok = self.policy.score(offline)
+            with self.console.phase(f"scoring {len(offline)} offline responses"):
+                pol, ntok = self.policy.score(offline)
             logps = PairLogps(pol[:n], pol[n:], *_split(ref_off, n), ntok[:n], ntok[n:])
             score_off, loss_off = self.objective.score(logps), self.objective.loss(logps)
             w = offline_weight(strategy, self.meta, score_off) if strategy.needs_offline_weight else None
@@ -622,7 +633,8 @@ class MetaAPORun:
         params = SamplingParams(num_samples=c.algo.num_samples, temperature=c.rollout.temperature, top_p=c.rollout.top_p,
                                 max_new_tokens=c.rollout.max_new_tokens)
         seeds = sample_seeds(c.seed, 1 + t, [e.prompt_id for e in chosen])
-        samples = self.engine.generate([e.prompt for e in chosen], params, prompt_seeds=seeds)
+        with self.console.phase(f"sampling {len(chosen)} x {c.algo.num_samples} responses"):
+            samples = self.engine.generate([e.prompt for e in chosen], params, prompt_seeds=seeds)
         sampling, tokens = time.perf_counter() - started, self.engine.stats.new_tokens
         faults.point("sampling")
 
@@ -633,7 +645,8 @@ class MetaAPORun:
         if self.strategy.pairs == "selm":
             prompts += [e.prompt_text for e in chosen for _ in range(2)]
             flat += [x for e in chosen for x in (e.chosen_text, e.rejected_text)]
-        rewards = self.ledger.score(prompts, flat)
+        with self.console.phase(f"annotating {len(flat)} responses"):
+            rewards = self.ledger.score(prompts, flat)
         annotation = time.perf_counter() - started
 
         k, ties, gaps, pairs = c.algo.num_samples, 0, [], {}
@@ -720,7 +733,8 @@ class MetaAPORun:
         mbs = c.trainer.micro_batch_size
         batches = train_batches(len(items), c.trainer.global_batch_size, c.seed, t, c.trainer.epochs_per_iteration,
                                 c.trainer.steps_per_iteration)
-        with self.console.progress(f"train it{t + 1}", total=len(batches) - it.steps_done) as advance:
+        every = c.trainer.log_every if c.trainer.log_every > 1 else None  # None: a plain line every ~10%
+        with self.console.progress(f"train it{t + 1}", total=len(batches) - it.steps_done, every=every) as advance:
             for k in range(it.steps_done, len(batches)):
                 pending_meta.clear()
                 st = self.policy.train_step([items[i] for i in batches[k]], make_batch, loss_fn, mbs)
@@ -792,11 +806,12 @@ class MetaAPORun:
         if mine:
             params = SamplingParams(num_samples=c.rollout.eval_samples, temperature=c.rollout.eval_temperature,
                                     top_p=c.rollout.top_p, max_new_tokens=c.rollout.max_new_tokens)
-            samples = self.engine.generate([self.eval_ids[i] for i in mine], params,
-                                           prompt_seeds=sample_seeds(c.seed, 0, mine))
-            texts = [self.tokenizer.decode(r, skip_special_tokens=True) for rs in samples for r in rs]
-            prompts = [self.eval_prompts[i] for i in mine for _ in range(c.rollout.eval_samples)]
-            rewards = self.ledger.score(prompts, texts)
+            with self.console.phase(f"evaluation: {len(mine)} x {c.rollout.eval_samples} held-out samples"):
+                samples = self.engine.generate([self.eval_ids[i] for i in mine], params,
+                                               prompt_seeds=sample_seeds(c.seed, 0, mine))
+                texts = [self.tokenizer.decode(r, skip_special_tokens=True) for rs in samples for r in rs]
+                prompts = [self.eval_prompts[i] for i in mine for _ in range(c.rollout.eval_samples)]
+                rewards = self.ledger.score(prompts, texts)
             lengths = [len(r) for rs in samples for r in rs]
             k = c.rollout.eval_samples
             per_prompt = [float(sum(rewards[j * k:(j + 1) * k])) / k for j in range(len(mine))]
@@ -1165,7 +1180,7 @@ def _atomic_write(path: Path, text: str) -> None:
 def _print_summary(summary: dict) -> None:
     secs = summary["seconds"]
     tps = summary.get("tokens_per_second", {})
-    print(
+    text = (
         f"\n{summary['algorithm']} ({summary['iterations']} iterations): held-out reward "
         f"{summary['reward_initial']:.4f} -> {summary['reward_final']:.4f}; annotation ratio "
         f"{summary['annotation_ratio']:.3f} ({summary['prompts_annotated']}/{summary['prompts_considered']} prompts), "
@@ -1175,6 +1190,10 @@ def _print_summary(summary: dict) -> None:
         f"tokens/s: training {tps.get('training', 0):.0f}, generation {tps.get('generation', 0):.0f}\n"
         f"aligned policy: {summary['final_checkpoint']}\n"
     )
+    print(text)
+    for line in text.splitlines():
+        quiet.record(line)
+    Console().print_table(summary_table(summary))
 
 
 
