@@ -441,7 +441,16 @@ def apply_overrides(config: Any, overrides: list[str]) -> None:
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. algo.beta=0.2")
         target, leaf = _key_owner(config, key.strip(), f"override {item!r}")
-        setattr(target, leaf, _parse_value(raw.strip()))
+        value = _parse_value(raw.strip())
+        if not dataclasses.is_dataclass(getattr(target, leaf)):
+            import typing
+
+            expected = typing.get_type_hints(type(target)).get(leaf, Any)
+            if not _is_of_type(value, expected):
+                if str not in _type_members(expected):
+                    raise ConfigError(f"override {item!r}: expected {_describe_type(expected)}")
+                value = raw.strip()  # a string field given digits or true: the text as typed
+        setattr(target, leaf, value)
 
 
 def _key_owner(config: Any, key: str, what: str) -> tuple[Any, str]:

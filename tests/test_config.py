@@ -58,10 +58,25 @@ def test_the_reference_logp_cache_sits_under_the_task_cache_by_default_and_is_of
         config.validate()
         assert config.reference_logp_cache_dir() is None
     (tmp_path / "a_file").write_text("")
-    for value, message in ((tmp_path / "a_file", "a file, not a folder"), (3, "reference.logp_cache_dir=3: a folder")):
-        apply_overrides(config, [f"reference.logp_cache_dir={value}"])
-        with pytest.raises(ConfigError, match=message):
-            config.validate()
+    apply_overrides(config, [f"reference.logp_cache_dir={tmp_path / 'a_file'}"])
+    with pytest.raises(ConfigError, match="a file, not a folder"):
+        config.validate()
+    # On the command line a string key's digits stay text: a folder named "3".
+    apply_overrides(config, ["reference.logp_cache_dir=3"])
+    assert config.reference.logp_cache_dir == "3"
+    config.reference.logp_cache_dir = 3  # set from Python, not a string: refused
+    with pytest.raises(ConfigError, match="reference.logp_cache_dir=3: a folder"):
+        config.validate()
+
+
+def test_overrides_of_the_wrong_type_are_refused_in_one_line():
+    config = MetaAPOConfig()
+    with pytest.raises(ConfigError, match=r"^override 'algo.beta=abc': expected a number"):
+        apply_overrides(config, ["algo.beta=abc"])
+    with pytest.raises(ConfigError, match=r"^override 'algo.iterations=2.5': expected"):
+        apply_overrides(config, ["algo.iterations=2.5"])
+    apply_overrides(config, ["algo.beta=1", "output_dir=123"])  # an int fits a float; digits fit a string
+    assert config.algo.beta == 1 and config.output_dir == "123"
 
 
 def test_bring_your_own_run_requires_checkpoint_data_and_reward():
@@ -96,11 +111,11 @@ def test_gpu_recipes_validate_once_the_user_gives_paths_and_use_bf16_sharding_an
     (["trainer.recompute_granularity=full", "trainer.recompute_method=uniform", "trainer.recompute_num_layers=0"],
      "trainer.recompute_num_layers=N > 0"),
     (["trainer.recompute_granularity=selective", "trainer.recompute_num_layers=1"], "leave trainer.recompute_method"),
-    (["trainer.use_distributed_optimizer=yes"], "trainer.use_distributed_optimizer='yes': use true or false"),
+    (["trainer.use_distributed_optimizer=yes"], "override 'trainer.use_distributed_optimizer=yes': expected true or false"),
     (["trainer.accelerator=cuda"], "trainer.accelerator='cuda': use 'auto', 'gpu' or 'cpu'"),
 ])
 def test_bad_recompute_and_optimizer_settings_say_what_to_set(overrides, message):
     config = get_recipe("tiny_cpu")
-    apply_overrides(config, overrides)
     with pytest.raises(ConfigError, match=message.replace("|", r"\|").replace("(", r"\(")):
+        apply_overrides(config, overrides)  # a wrong type is refused here, the rest by validate
         config.validate()
