@@ -67,6 +67,14 @@ class RewardConfig:
     token: Optional[str] = None
     reward_fn: Optional[str] = None  # MODULE:FUNCTION served by the local server when url is None
     model_dir: Optional[str] = None  # or a Bradley-Terry reward model folder served locally
+    # A second reward the held-out samples are also scored with (the `eval` rows' eval_reward,
+    # summary.json's eval_reward_initial / eval_reward_final): what the run's gain on the reward that
+    # annotates is worth on another one, e.g. the true reward beside a trained reward model (reward
+    # hacking). eval_reward_fn: MODULE:FUNCTION served by a second local server; eval_url: remote
+    # server(s), as reward.url. Neither: no eval reward, except with task.reward=trained, whose
+    # held-out samples are also scored by the embedded task's programmatic reward.
+    eval_reward_fn: Optional[str] = None
+    eval_url: Optional[Union[str, list[str]]] = None
     timeout_s: float = 120.0  # one try of one request, answer included
     max_retries: int = 3  # retries on connection errors, timeouts, 429 and 5xx (requests are idempotent)
     # The whole of one request, retries and waits included: a reward server that dies and is
@@ -187,6 +195,15 @@ class EmbeddedTaskConfig:
     # policy.max_length and rollout.max_new_tokens raised to fit (validate() says by how much).
     min_letters: int = 4
     max_letters: int = 8
+    # Who annotates the online samples: "programmatic", the task's exact reward (toy_task.reward);
+    # "trained", a Bradley-Terry reward model that `metaapo train-reward` trains once (cached) from
+    # the task's SFT model on its offline pairs (a tenth held out; its accuracy goes to the console
+    # and its reward_summary.json), as the paper trains its own. The run then also scores its
+    # held-out samples with the programmatic reward (reward.eval_reward_fn): the gap is reward
+    # hacking. These three keys stay out of the task's cache keys (data/embedded.py, REWARD_KEYS).
+    reward: str = "programmatic"
+    reward_epochs: int = 3  # the held-out accuracy peaks at 3 (0.649 at lr 1e-4, seed 1234; README)
+    reward_lr: float = 1e-4
     hidden_size: int = 128
     num_layers: int = 4
     num_attention_heads: int = 4
@@ -345,6 +362,7 @@ class MetaAPOConfig:
         elif self.rollout.engine != "torch":
             problems.append(f"rollout.engine={self.rollout.engine!r}: use 'torch' or 'trtllm'")
         problems += _logger_problems(self.logger, on_this_machine)
+        problems += _reward_source_problems(self)
         if self.task.enabled:
             problems += _embedded_task_problems(self)
         if not self.task.enabled:
@@ -396,6 +414,35 @@ def _logger_problems(logger: LoggerConfig, on_this_machine: bool) -> list[str]:
     return problems
 
 
+def _reward_source_problems(c: MetaAPOConfig) -> list[str]:
+    """Who annotates (task.reward) and who else scores the held-out samples (reward.eval_*)."""
+    task, r = c.task, c.reward
+    problems = []
+    if r.eval_reward_fn is not None and r.eval_url is not None:
+        problems.append("reward.eval_reward_fn and reward.eval_url are both set; the eval reward is one of them: "
+                        "set the other to None")
+    if task.reward not in ("programmatic", "trained"):
+        problems.append(f"task.reward={task.reward!r}: use 'programmatic' (the toy task's exact reward) or 'trained' "
+                        "(a reward model trained on its offline pairs)")
+    elif task.reward == "trained":
+        if not task.enabled:
+            problems.append("task.reward=trained trains a reward model on the embedded task's pairs, but task.enabled "
+                            "is false: use --recipe tiny_cpu, or train one with `metaapo train-reward` and give "
+                            "reward.model_dir=DIR")
+        for key in ("url", "model_dir"):
+            if getattr(r, key) is not None:
+                problems.append(f"reward.{key}={getattr(r, key)} and task.reward=trained both name who annotates: "
+                                f"unset reward.{key}, or set task.reward=programmatic")
+        if r.reward_fn not in (None, EMBEDDED_REWARD_FN):
+            problems.append(f"reward.reward_fn={r.reward_fn} and task.reward=trained both name who annotates: unset "
+                            "reward.reward_fn, or set task.reward=programmatic")
+        if not (isinstance(task.reward_epochs, int) and task.reward_epochs >= 1):
+            problems.append(f"task.reward_epochs={task.reward_epochs!r}: must be an integer >= 1")
+        if not (isinstance(task.reward_lr, (int, float)) and task.reward_lr > 0):
+            problems.append(f"task.reward_lr={task.reward_lr!r}: must be > 0")
+    return problems
+
+
 def _embedded_task_problems(c: MetaAPOConfig) -> list[str]:
     """What the embedded task's letter range needs of the length limits (toy_task.make_prompts)."""
     task = c.task
@@ -423,6 +470,8 @@ def _embedded_task_problems(c: MetaAPOConfig) -> list[str]:
 # The environment variable that carries the reward server's bearer token (to the server, and to the
 # trainer when reward.token is unset), so that it never sits on a command line.
 REWARD_TOKEN_ENV = "METAAPO_REWARD_TOKEN"
+# The embedded task's programmatic reward (recipe tiny_cpu's reward.reward_fn), MODULE:FUNCTION.
+EMBEDDED_REWARD_FN = "metaapo_nemo.data.toy_task:reward"
 
 
 class ConfigError(ValueError):

@@ -222,16 +222,18 @@ def _check_reward(config: MetaAPOConfig) -> None:
     if r.model_dir is not None:
         _check_reward_folder(r.model_dir, "reward.model_dir")
     if r.reward_fn is not None:
-        _check_reward_fn(r.reward_fn)
+        _check_reward_fn(r.reward_fn, "reward.reward_fn")
+    if r.eval_reward_fn is not None:
+        _check_reward_fn(r.eval_reward_fn, "reward.eval_reward_fn")
 
 
-def _check_reward_fn(spec: str) -> None:
+def _check_reward_fn(spec: str, key: str) -> None:
     try:
         load_reward_fn(spec)
     except ValueError as error:  # the loader's messages name the reward server's flag
-        raise ConfigError(one_line(error).replace("--reward-fn", "reward.reward_fn")) from error
+        raise ConfigError(one_line(error).replace("--reward-fn", key)) from error
     except Exception as error:  # the module's own code failed while importing
-        raise ConfigError(f"reward.reward_fn={spec!r}: importing it raised {type(error).__name__}: "
+        raise ConfigError(f"{key}={spec!r}: importing it raised {type(error).__name__}: "
                           f"{one_line(error)}; fix the module") from error
 
 

@@ -63,6 +63,9 @@ def test_run_writes_summary_metrics_and_a_transformers_checkpoint(finished_run):
     assert [r["step"] for r in steps] == list(range(1, len(steps) + 1))
     assert sum(r["event"] == "meta_update" for r in rows) == summary["meta_updates"] > 0
     assert [r["iteration"] for r in rows if r["event"] == "eval"] == [0, 1, 2]
+    # No eval reward asked for: none of its keys or files (tests/data/test_embedded_reward.py has them).
+    assert not any(k.startswith("eval_reward") for k in summary) and not (out / "eval_rewards").exists()
+    assert not any("eval_reward" in r for r in rows if r["event"] == "eval")
     assert (out / "plots.png").stat().st_size > 10_000
 
     from transformers import AutoModelForCausalLM, AutoTokenizer

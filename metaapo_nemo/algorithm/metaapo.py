@@ -106,6 +106,8 @@ class RunState:
     meta_updates: int = 0
     reward_initial: float | None = None
     rewards: list = field(default_factory=list)  # held-out reward after each iteration
+    eval_reward_initial: float | None = None  # and by the eval reward (reward.eval_*), when there is one
+    eval_rewards: list = field(default_factory=list)
     seconds: dict = field(default_factory=lambda: dict(prepare=0.0, reference=0.0, scoring=0.0, sampling=0.0,
                                                        annotation=0.0, training=0.0, evaluation=0.0, meta=0.0,
                                                        probe=0.0))
@@ -188,7 +190,7 @@ class MetaAPORun:
             raise ConfigError(f"this job spans {nodes} nodes and reward.url is not set: a local reward server would "
                               "answer rank 0's node only. Give reward.url=URL of a reward server every node reaches, "
                               "or start a reward group with run.reward_nodes=K (run.executor=slurm)")
-        from metaapo_nemo.reward.server import TOKEN_ENV
+        from metaapo_nemo.config import REWARD_TOKEN_ENV as TOKEN_ENV
 
         token = c.reward.token or os.environ.get(TOKEN_ENV) or None  # by environment: never on a command line
         self.rank0 = is_rank0()
@@ -215,10 +217,17 @@ class MetaAPORun:
             c.reference.hf_path = c.reference.hf_path or built.sft_dir
             c.data.train = c.data.train or built.train
             c.data.eval = c.data.eval or built.eval
-            if c.reward.url is None and c.reward.model_dir is None:
+            if c.task.reward == "trained":  # validate() refused any other annotator beside it
+                c.reward.reward_fn, c.reward.model_dir = None, built.reward_model_dir
+                if c.reward.eval_url is None:  # what the trained reward is worth on the true one
+                    c.reward.eval_reward_fn = c.reward.eval_reward_fn or built.reward_fn
+            elif c.reward.url is None and c.reward.model_dir is None:
                 c.reward.reward_fn = c.reward.reward_fn or built.reward_fn
             inputs = check_inputs(c)  # now with the task's own files in the keys the user left unset
         self.state.seconds["prepare"] = time.perf_counter() - started
+        if c.reward.eval_reward_fn is not None and nodes > 1:  # known only now, with the task's defaults
+            raise ConfigError(f"this job spans {nodes} nodes and reward.eval_reward_fn is served locally, on rank "
+                              "0's node only: give reward.eval_url=URL of a server every node reaches")
         self.reward_server = None
         urls = _reward_urls(c.reward.url)
         if not urls and self.rank0:
@@ -230,6 +239,16 @@ class MetaAPORun:
             self.reward_server = start_local_reward_server(reward_fn=c.reward.reward_fn, model_dir=c.reward.model_dir,
                                                            token=token, log_file=str(self.out / "reward_server.log"),
                                                            wait=False)
+        self.eval_reward_server = None
+        eval_urls = _reward_urls(c.reward.eval_url)
+        if c.reward.eval_reward_fn is not None:
+            if self.rank0:
+                from metaapo_nemo.reward.local import start_local_reward_server
+
+                self.console.log(f"eval reward: starting a local reward server ({c.reward.eval_reward_fn})")
+                self.eval_reward_server = start_local_reward_server(
+                    reward_fn=c.reward.eval_reward_fn, token=token, log_file=str(self.out / "eval_reward_server.log"),
+                    wait=False)
         # Told on the console and kept in summary.json: a run that goes on may still mislead whoever reads it.
         self.warnings = [REFERENCE_UNSET] if self.objective.needs_reference and c.reference.hf_path is None else []
         for warning in self.warnings:
@@ -294,6 +313,18 @@ class MetaAPORun:
         # also when a requeued job's reward group comes back on other hosts and ports.
         identity = c.reward.reward_fn or c.reward.model_dir or self.reward.reward_identity()
         self.ledger = RewardLedger(self.out / "rewards", world_rank(), self.reward, identity)
+        self.eval_ledger = None  # the eval reward's, paid once as well
+        if c.reward.eval_reward_fn is not None or eval_urls:
+            if not eval_urls:
+                if self.rank0:
+                    self.eval_reward_server.wait_until_ready(c.reward.startup_timeout_s)
+                eval_urls = [all_gather_objects(self.eval_reward_server.url if self.rank0 else None)[0]]
+            self.eval_reward = RewardClient(eval_urls, token=token, timeout_s=c.reward.timeout_s,
+                                            max_retries=c.reward.max_retries, batch_size=c.reward.batch_size,
+                                            call_timeout_s=c.reward.call_timeout_s)
+            self.eval_reward.wait_until_healthy(c.reward.startup_timeout_s)
+            self.eval_ledger = RewardLedger(self.out / "eval_rewards", world_rank(), self.eval_reward,
+                                            c.reward.eval_reward_fn or self.eval_reward.reward_identity())
 
         n = len(self.examples)
         if n < c.algo.iterations:
@@ -387,7 +418,8 @@ class MetaAPORun:
                 self.metrics.truncate_to(0)  # lines of a run that stopped before its first checkpoint
                 self.metrics.write("setup", 0, 0, **self.setup_info)
                 s.reward_initial = self._evaluate(iteration=0)
-                self.console.log(f"held-out reward of the starting policy: {s.reward_initial:.4f}")
+                self.console.log(f"held-out reward of the starting policy: {s.reward_initial:.4f}"
+                                 + (f" (eval reward {s.eval_reward_initial:.4f})" if self.eval_ledger else ""))
                 self._save_checkpoint("iter_0")
             in_progress = resumed if isinstance(resumed, IterationState) else None
             for t in range(s.iteration, c.algo.iterations):
@@ -417,12 +449,12 @@ class MetaAPORun:
             raise RewardServerError(f"{err}. Once the reward server is back, run the same command: it resumes {where}, "
                                     "and rewards already paid for are not asked for again") from None
         finally:
-            if getattr(self, "reward_server", None) is not None:
-                self.reward_server.stop()
-            if hasattr(self, "reward"):
-                self.reward.close()
-            if hasattr(self, "ledger"):
-                self.ledger.close()
+            for server in (getattr(self, "reward_server", None), getattr(self, "eval_reward_server", None)):
+                if server is not None:
+                    server.stop()
+            for name in ("reward", "eval_reward", "ledger", "eval_ledger"):
+                if getattr(self, name, None) is not None:
+                    getattr(self, name).close()
             if hasattr(self, "metrics"):
                 self.metrics.close()
             quiet.detach()
@@ -451,7 +483,9 @@ class MetaAPORun:
                            meta_curve=self._meta_curve(it.score_offline_range), annotation_ratio=s.annotated / max(1, s.considered),
                            meta_updates=s.meta_updates, meta_updates_iteration=s.meta_updates - it.meta_updates_before,
                            decisions_changed_by_meta=it.decisions_changed_by_meta)
-        self.console.log(f"  held-out reward after iteration {t + 1}: {reward:.4f} (start {s.reward_initial:.4f})")
+        self.console.log(f"  held-out reward after iteration {t + 1}: {reward:.4f} (start {s.reward_initial:.4f})"
+                         + (f"; eval reward {s.eval_rewards[-1]:.4f} (start {s.eval_reward_initial:.4f})"
+                            if s.eval_reward_initial is not None else ""))  # None: added on a resume
 
     def _decide_and_annotate(self, t: int, examples: list[Example]) -> IterationState:
         """Phases 1-5 of iteration t; ends with the checkpoint that keeps what they paid for."""
@@ -795,14 +829,15 @@ class MetaAPORun:
     def _evaluate(self, iteration: int) -> float:
         """Mean reward-model score of policy samples on the held-out prompts (split over ranks).
         Also keeps each prompt's mean over its rollout.eval_samples samples, in held-out prompt
-        order whatever the number of ranks (the `eval` row's prompt_rewards; the win rate)."""
+        order whatever the number of ranks (the `eval` row's prompt_rewards; the win rate), and,
+        with an eval reward, the mean score of the same samples by it (the row's eval_reward)."""
         from metaapo_nemo.rollout.engine import SamplingParams
 
         c, s = self.config, self.state
         started = time.perf_counter()
         self.engine.refit(self.policy.hf_state_dict())
         mine = list(range(world_rank(), len(self.eval_ids), world_size()))
-        rewards, lengths, per_prompt = [], [], []
+        rewards, lengths, per_prompt, eval_rewards = [], [], [], []
         if mine:
             params = SamplingParams(num_samples=c.rollout.eval_samples, temperature=c.rollout.eval_temperature,
                                     top_p=c.rollout.top_p, max_new_tokens=c.rollout.max_new_tokens)
@@ -812,23 +847,33 @@ class MetaAPORun:
                 texts = [self.tokenizer.decode(r, skip_special_tokens=True) for rs in samples for r in rs]
                 prompts = [self.eval_prompts[i] for i in mine for _ in range(c.rollout.eval_samples)]
                 rewards = self.ledger.score(prompts, texts)
+                if self.eval_ledger is not None:
+                    eval_rewards = self.eval_ledger.score(prompts, texts)
             lengths = [len(r) for rs in samples for r in rs]
             k = c.rollout.eval_samples
             per_prompt = [float(sum(rewards[j * k:(j + 1) * k])) / k for j in range(len(mine))]
         if release := getattr(self.engine, "release", None):
             release()
-        parts = all_gather_objects((rewards, lengths, dict(zip(mine, per_prompt))))
+        parts = all_gather_objects((rewards, lengths, dict(zip(mine, per_prompt)), eval_rewards))
         rewards = [r for part in parts for r in part[0]]
         lengths = [n for part in parts for n in part[1]]
         by_prompt = {i: r for part in parts for i, r in part[2].items()}
+        eval_rewards = [r for part in parts for r in part[3]]
         prompt_rewards = [by_prompt[i] for i in range(len(self.eval_ids))]
         s.seconds["evaluation"] += time.perf_counter() - started
         reward = sum(rewards) / len(rewards)
         if iteration == 0:
             s.prompt_rewards_initial = prompt_rewards
         s.prompt_rewards_final = prompt_rewards
-        self.metrics.write("eval", s.step, iteration, reward=reward, response_tokens_mean=sum(lengths) / len(lengths),
-                           prompt_rewards=prompt_rewards)
+        extra = {}
+        if self.eval_ledger is not None:
+            extra["eval_reward"] = sum(eval_rewards) / len(eval_rewards)
+            if iteration == 0:
+                s.eval_reward_initial = extra["eval_reward"]
+            else:
+                s.eval_rewards.append(extra["eval_reward"])
+        self.metrics.write("eval", s.step, iteration, reward=reward, **extra,
+                           response_tokens_mean=sum(lengths) / len(lengths), prompt_rewards=prompt_rewards)
         return reward
 
     def _meta_curve(self, score_range: list | None) -> list[list[float]]:
@@ -858,6 +903,9 @@ class MetaAPORun:
             "skipped_steps": s.skipped_steps,
             "reward_initial": s.reward_initial, "reward_final": s.rewards[-1] if s.rewards else s.reward_initial,
             "reward_per_iteration": s.rewards, "seconds": secs,
+            **({"eval_reward_initial": s.eval_reward_initial,
+                "eval_reward_final": s.eval_rewards[-1] if s.eval_rewards else s.eval_reward_initial,
+                "eval_reward_per_iteration": s.eval_rewards} if self.eval_ledger is not None else {}),
             "decisions_changed_by_meta": (s.decisions_changed / max(1, s.considered)
                                           if self.strategy.sampling == "meta" else None),
             "win_rate_vs_start": (win_rate(s.prompt_rewards_final, s.prompt_rewards_initial)
@@ -1182,7 +1230,9 @@ def _print_summary(summary: dict) -> None:
     tps = summary.get("tokens_per_second", {})
     text = (
         f"\n{summary['algorithm']} ({summary['iterations']} iterations): held-out reward "
-        f"{summary['reward_initial']:.4f} -> {summary['reward_final']:.4f}; annotation ratio "
+        f"{summary['reward_initial']:.4f} -> {summary['reward_final']:.4f}"
+        + (f" (eval reward {summary['eval_reward_initial']:.4f} -> {summary['eval_reward_final']:.4f})"
+           if summary.get("eval_reward_initial") is not None else "") + "; annotation ratio "
         f"{summary['annotation_ratio']:.3f} ({summary['prompts_annotated']}/{summary['prompts_considered']} prompts), "
         f"{summary['num_online_pairs']} online pairs, {summary['ties']} ties, {summary['meta_updates']} meta updates\n"
         + _diagnostics_line(summary) +

@@ -7,7 +7,9 @@ warm-up of the SFT model on the offline pairs.
 Cache layout under ``task.cache_dir``: ``tiny_cpu-sft-<key>/sft`` holds the SFT model, keyed by
 only what it depends on (``SFT_KEYS``, ``LATER_KEYS`` and the seed), so a grid over the offline
 knobs trains it once; ``tiny_cpu-<key>/`` (every task key and the seed) holds ``warmup/``, ``train.jsonl``,
-``eval.jsonl`` and ``task_stats.json``. Each folder is built under ``<name>.tmp`` and renamed into
+``eval.jsonl`` and ``task_stats.json``; with ``task.reward=trained``, ``tiny_cpu-rm-<key>/`` (the
+task's key and the reward model's settings) holds ``reward_model/`` (with its ``reward_summary.json``)
+and ``train_reward.log``. Each folder is built under ``<name>.tmp`` and renamed into
 place with a ``DONE`` marker, so a crash never leaves a half-built folder that looks finished.
 """
 from __future__ import annotations
@@ -18,6 +20,8 @@ import os
 import random
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -25,7 +29,7 @@ from pathlib import Path
 import torch
 
 from metaapo_nemo.algorithm.objectives import Objective, PairLogps
-from metaapo_nemo.config import EmbeddedTaskConfig
+from metaapo_nemo.config import EMBEDDED_REWARD_FN, EmbeddedTaskConfig
 from metaapo_nemo.data import toy_task
 from metaapo_nemo.data.batching import collate, encode_prompt, encode_response
 from metaapo_nemo.distributed import barrier, is_rank0
@@ -33,10 +37,11 @@ from metaapo_nemo.metrics import Console
 from metaapo_nemo.models.config import ModelConfig
 from metaapo_nemo.models.hf_convert import load_hf_checkpoint, save_hf_checkpoint
 from metaapo_nemo.models.policy import MegatronPolicy, OptimConfig
+from metaapo_nemo.reward.train import SUMMARY_FILE
 from metaapo_nemo.rollout.engine import SamplingParams
 from metaapo_nemo.rollout.torch_engine import TorchEngine
 
-REWARD_FN = "metaapo_nemo.data.toy_task:reward"
+REWARD_FN = EMBEDDED_REWARD_FN
 
 
 @dataclass
@@ -45,7 +50,8 @@ class EmbeddedTask:
     policy_dir: str  # the DPO warm-up of the SFT model (Algorithm 1's starting policy)
     train: str  # offline preference pairs, JSON Lines
     eval: str  # held-out prompts, JSON Lines
-    reward_fn: str = REWARD_FN
+    reward_fn: str = REWARD_FN  # the programmatic reward
+    reward_model_dir: str | None = None  # with task.reward=trained: the reward model trained on `train`
 
 
 CACHE_VERSION = 3
@@ -56,9 +62,16 @@ SFT_KEYS = ("num_train_pairs", "num_eval_prompts", "sft_examples", "sft_steps", 
 # Task keys added after CACHE_VERSION 3 (the SFT model depends on each): they enter the cache keys
 # only away from their defaults, so the caches of the tasks before them stay valid.
 LATER_KEYS = ("min_letters", "max_letters")
+# Who annotates: no file of the task depends on it, so these keys enter only the reward model's key.
+REWARD_KEYS = ("reward", "reward_epochs", "reward_lr")
+# The reward model's settings besides task.reward_epochs and task.reward_lr: train-reward's defaults.
+REWARD_BATCH_SIZE, REWARD_EVAL_FRACTION = 8, 0.1
 # task_stats.json: the policies' own samples on the first STATS_PROMPTS training prompts, at the
 # recipe's sampling settings (temperature 1, up to 24 new tokens, more for longer answers); ~1 s on a CPU core.
 STATS_PROMPTS, STATS_SAMPLES, STATS_MAX_NEW_TOKENS = 128, 4, 24
+# What torchrun tells its ranks; the reward model's training process is not one of them.
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
 
 def cache_key(fields: dict) -> str:
@@ -69,7 +82,7 @@ def task_keys(task: EmbeddedTaskConfig, seed: int) -> tuple[str, str]:
     """(the SFT model's cache key, the task's cache key) of a task and seed."""
     defaults = {f.name: f.default for f in fields(EmbeddedTaskConfig) if f.name in LATER_KEYS}
     later = {k: getattr(task, k) for k in LATER_KEYS if getattr(task, k) != defaults[k]}
-    task_fields = {k: v for k, v in asdict(task).items() if k not in LATER_KEYS}
+    task_fields = {k: v for k, v in asdict(task).items() if k not in LATER_KEYS + REWARD_KEYS}
     return (cache_key({**{k: getattr(task, k) for k in SFT_KEYS}, **later, "seed": seed}),
             cache_key({**task_fields, **later, "seed": seed}))
 
@@ -83,7 +96,22 @@ def prepare_embedded_task(task: EmbeddedTaskConfig, seed: int, console: Console)
     if (root / "DONE").exists() and (sft_root / "DONE").exists():
         console.log(f"embedded task: cached at {root}")
         _log_stats(console, json.loads((root / "task_stats.json").read_text()))
-        return built
+    else:
+        _build_task(task, seed, sft_root, root, console)
+    if task.reward == "trained":
+        rm_root = cache / f"tiny_cpu-rm-{reward_model_key(task, key)}"
+        built.reward_model_dir = str(_reward_model(built, task, seed, rm_root, console))
+    return built
+
+
+def reward_model_key(task: EmbeddedTaskConfig, task_key: str) -> str:
+    """The cache key of the reward model trained on the task of ``task_key`` (which holds the seed)."""
+    return cache_key({"task": task_key, "epochs": task.reward_epochs, "lr": task.reward_lr,
+                      "batch_size": REWARD_BATCH_SIZE, "eval_fraction": REWARD_EVAL_FRACTION})
+
+
+def _build_task(task, seed, sft_root, root, console) -> None:
+    """Build the task's folder ``root`` (and the SFT model's, ``sft_root``, unless cached)."""
     # Every rank trains (SFT and warm-up are data-parallel like the rest); rank 0 writes the files.
     started = time.perf_counter()
     console.log(f"embedded task: building offline pairs, DPO warm-up and task stats in {root}")
@@ -117,7 +145,42 @@ def prepare_embedded_task(task: EmbeddedTaskConfig, seed: int, console: Console)
         _finish_building(tmp, root, started)
     barrier()
     console.log(f"embedded task: built in {time.perf_counter() - started:.1f} s")
-    return built
+
+
+def _reward_model(built: EmbeddedTask, task, seed, rm_root: Path, console) -> Path:
+    """The Bradley-Terry reward model trained from the SFT model on the offline pairs (a share
+    held out): from ``rm_root`` when cached, else trained there by rank 0 while the others wait.
+
+    `metaapo train-reward` runs as a process of its own: it holds the whole model in one process
+    (TP = PP = 1) whatever this job's layout, and its random draws leave the run's untouched, so a
+    run on a cached reward model is the run that trained it."""
+    if not (rm_root / "DONE").exists():
+        started = time.perf_counter()
+        tmp = _start_building(rm_root)
+        if is_rank0():
+            console.log(f"embedded task: training a reward model ({task.reward_epochs} epochs, lr {task.reward_lr:g}) "
+                        f"in {rm_root}")
+            command = [sys.executable, "-m", "metaapo_nemo", "train-reward", "--init", built.sft_dir,
+                       "--data", built.train, "--out", str(tmp / "reward_model"), "--epochs", str(task.reward_epochs),
+                       "--lr", repr(task.reward_lr), "--batch-size", str(REWARD_BATCH_SIZE),
+                       "--eval-fraction", repr(REWARD_EVAL_FRACTION), "--seed", str(seed)]
+            # Not one of this job's ranks (train-reward refuses to run under torchrun); one thread,
+            # so that the model is the same on every machine (and a 0.7M-parameter model needs no more).
+            env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
+            package_root = str(Path(__file__).resolve().parents[2])
+            env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p))
+            with open(tmp / "train_reward.log", "w") as log:
+                done = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
+            if done.returncode != 0:
+                tail = (tmp / "train_reward.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"training the embedded task's reward model failed (status {done.returncode}); "
+                                   f"the end of {tmp / 'train_reward.log'}:\n{tail}")
+            _finish_building(tmp, rm_root, started)
+        barrier()
+    summary = json.loads((rm_root / "reward_model" / SUMMARY_FILE).read_text())
+    console.log(f"embedded task: reward model {rm_root / 'reward_model'}: held-out pair accuracy "
+                f"{summary['accuracy']:.3f} ({summary['eval_pairs']} pairs; {summary['train_pairs']} trained on)")
+    return rm_root / "reward_model"
 
 
 def _sft_model(task, cfg, tokenizer, sft_prompts, seed, sft_root, console) -> dict[str, torch.Tensor]:
