@@ -45,9 +45,10 @@ with offline DPO (answers grew longer) and 0.80 -> 0.86 with online DPO on best/
 
 import random
 import re
+from typing import TYPE_CHECKING
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+if TYPE_CHECKING:  # imported where the tokenizer is built: the reward server's process never needs them (~1 s)
+    from transformers import PreTrainedTokenizerFast
 
 LETTERS = "abcdefgh"
 MIN_LETTERS, MAX_LETTERS = 4, 8
@@ -60,12 +61,15 @@ CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789 :=.,?!'-"
 _PROMPT_PATTERN = re.compile(re.escape(PROMPT_PREFIX) + r"([a-z]*)" + re.escape(PROMPT_SUFFIX))
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer() -> "PreTrainedTokenizerFast":
     """A character-level tokenizer for the task, with bos/eos/pad set and no chat template.
 
     Encoding adds no special tokens by itself (``batching.encode_prompt`` prepends ``<bos>``).
     Decoding joins characters without spaces, so ``decode(encode(s)) == s``.
     """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + tuple(CHARACTERS))}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")

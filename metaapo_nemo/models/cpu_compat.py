@@ -20,6 +20,7 @@ import torch
 # true of every CPU run and said in the README, so not repeated on every console.
 warnings.filterwarnings("ignore", message=r"(Transformer Engine and Apex are|Apex is) not installed", category=UserWarning)
 
+from metaapo_nemo.models import megatron_core  # noqa: F401  (first: megatron-core without TorchInductor)
 from megatron.core import tensor_parallel  # noqa: E402
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from metaapo_nemo.models import megatron_core  # noqa: F401  (first: megatron-core without TorchInductor)
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.utils import unwrap_model

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+from metaapo_nemo.models import megatron_core  # noqa: F401  (first: megatron-core without TorchInductor)
 from megatron.core import dist_checkpointing, parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads

@@ -22,7 +22,7 @@ import httpx
 
 import metaapo_nemo
 from metaapo_nemo.reward.client import RewardServerError
-from metaapo_nemo.reward.server import TOKEN_ENV
+from metaapo_nemo.config import REWARD_TOKEN_ENV as TOKEN_ENV
 
 LOG_TAIL_CHARS = 4000
 
