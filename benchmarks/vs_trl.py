@@ -351,6 +351,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds, sides alternating in each")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for both sides")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke run for the tests")
+    parser.add_argument("--count-flops", action="store_true",
+                        help="after the timed rounds, run (a) once more per side, untimed, and count its matrix-product "
+                             "FLOPs (torch.utils.flop_counter; attention kernels are not counted)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -413,8 +416,23 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": args.threads, "repeats": repeats, "sizes": vars(sizes),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
     }
+    if args.count_flops:
+        result["dpo_equal_matmul_gflop"] = flops = {side: _matmul_gflop(run, task) for phase, side, run in PHASES
+                                                    if phase == "a"}
+        print("matrix-product GFLOP of (a), untimed run: " + ", ".join(f"{k} {v:.1f}" for k, v in flops.items())
+              + f"; TRL's over ours {flops[a_trl] / flops[a_ours]:.2f}")
     print(json.dumps(result))
     return result
+
+
+def _matmul_gflop(run: Callable[[Task], Run], task: Task) -> float:
+    """The matrix-product FLOPs (mm, bmm, addmm, ...) one run of a phase performs, in GFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run(task)
+    return counter.get_total_flops() / 1e9
 
 
 if __name__ == "__main__":
