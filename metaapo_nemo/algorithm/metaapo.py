@@ -905,7 +905,7 @@ class MetaAPORun:
             "reward_per_iteration": s.rewards, "seconds": secs,
             **({"eval_reward_initial": s.eval_reward_initial,
                 "eval_reward_final": s.eval_rewards[-1] if s.eval_rewards else s.eval_reward_initial,
-                "eval_reward_per_iteration": s.eval_rewards} if self.eval_ledger is not None else {}),
+                "eval_reward_per_iteration": s.eval_rewards} if s.eval_reward_initial is not None else {}),
             "decisions_changed_by_meta": (s.decisions_changed / max(1, s.considered)
                                           if self.strategy.sampling == "meta" else None),
             "win_rate_vs_start": (win_rate(s.prompt_rewards_final, s.prompt_rewards_initial)
