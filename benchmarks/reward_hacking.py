@@ -14,8 +14,9 @@ diagnostic), the same seed for both runs, each a process of its own:
   programmatic reward scores the same samples beside it (`eval_reward`).
 
 Printed: the reward model's held-out pair accuracy (a tenth of the offline pairs), and per run the
-held-out programmatic reward of the starting and the final policy and, for the trained run, the
-reward model's own held-out reward of the same samples; a gain on the reward model that is not a
+held-out programmatic reward of the starting and the final policy (and the share of held-out
+prompts on which the final policy beats the starting one by it, ties half) and, for the trained
+run, the reward model's own held-out reward of the same samples (and its win rate); a gain on the reward model that is not a
 gain on the programmatic reward is reward hacking. The last line is a JSON object of those numbers
 with the package versions. --cache: the embedded task's cache (default: the recipe's
 task.cache_dir, so a task built before is reused). --quick: the task and loop shrunk as the tests
@@ -95,9 +96,12 @@ def main(argv: list[str] | None = None) -> dict:
     numbers = {
         "reward_model_accuracy": rm["accuracy"], "reward_model_eval_pairs": rm["eval_pairs"],
         "programmatic": {"programmatic_reward": [programmatic["reward_initial"], programmatic["reward_final"]],
+                         "programmatic_win_rate": programmatic["win_rate_vs_start"],
                          "annotation_ratio": programmatic["annotation_ratio"]},
         "trained": {"programmatic_reward": [trained["eval_reward_initial"], trained["eval_reward_final"]],
+                    "programmatic_win_rate": trained["eval_win_rate_vs_start"],
                     "reward_model_reward": [trained["reward_initial"], trained["reward_final"]],
+                    "reward_model_win_rate": trained["win_rate_vs_start"],
                     "annotation_ratio": trained["annotation_ratio"]},
     }
 
@@ -107,10 +111,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nreward model: held-out pair accuracy {rm['accuracy']:.3f} on {rm['eval_pairs']} offline pairs "
           f"({rm['train_pairs']} trained on, {len(rm['epochs']) - 1} epochs); seed {args.seed}, "
           f"{time.perf_counter() - started:.0f} s in all\n")
-    print(markdown_table(["task.reward", "held-out programmatic reward", "held-out reward-model reward", "annot. ratio"], [
-        ["programmatic", change(numbers["programmatic"]["programmatic_reward"]), "n/a",
-         f"{programmatic['annotation_ratio']:.3f}"],
-        ["trained", change(numbers["trained"]["programmatic_reward"]), change(numbers["trained"]["reward_model_reward"]),
+    print(markdown_table(["task.reward", "held-out programmatic reward", "its win rate vs start",
+                          "held-out reward-model reward", "its win rate vs start", "annot. ratio"], [
+        ["programmatic", change(numbers["programmatic"]["programmatic_reward"]),
+         f"{programmatic['win_rate_vs_start']:.3f}", "n/a", "n/a", f"{programmatic['annotation_ratio']:.3f}"],
+        ["trained", change(numbers["trained"]["programmatic_reward"]), f"{trained['eval_win_rate_vs_start']:.3f}",
+         change(numbers["trained"]["reward_model_reward"]), f"{trained['win_rate_vs_start']:.3f}",
          f"{trained['annotation_ratio']:.3f}"]]))
     headline = {**numbers, "seed": args.seed, "quick": args.quick, "versions": versions()}
     print(json.dumps(headline))

@@ -130,6 +130,10 @@ def summary_table(summary: dict) -> Table:
     table.add_row("held-out reward", f"{num('reward_initial', '.4f')} -> {num('reward_final', '.4f')}")
     if summary.get("win_rate_vs_start") is not None:
         table.add_row("win rate vs start", num("win_rate_vs_start", ".3f"))
+    if "eval_reward_initial" in summary:  # a second reward scored the same held-out samples
+        table.add_row("eval reward", f"{num('eval_reward_initial', '.4f')} -> {num('eval_reward_final', '.4f')}")
+        if summary.get("eval_win_rate_vs_start") is not None:
+            table.add_row("eval win rate vs start", num("eval_win_rate_vs_start", ".3f"))
     table.add_row("annotation ratio", f"{num('annotation_ratio', '.3f')} "
                                       f"({summary.get('prompts_annotated', 0)}/{summary.get('prompts_considered', 0)})")
     table.add_row("online pairs", str(summary.get("num_online_pairs", 0)))

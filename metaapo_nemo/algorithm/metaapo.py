@@ -119,6 +119,8 @@ class RunState:
     probe_annotations: int = 0  # unsampled prompts given K annotated samples only to measure their gain
     prompt_rewards_initial: list = field(default_factory=list)  # per held-out prompt, of the starting policy
     prompt_rewards_final: list = field(default_factory=list)  # and of the latest evaluated policy
+    eval_prompt_rewards_initial: list = field(default_factory=list)  # the same by the eval reward, when there is one
+    eval_prompt_rewards_final: list = field(default_factory=list)
 
 
 @dataclass
@@ -850,15 +852,19 @@ class MetaAPORun:
                 if self.eval_ledger is not None:
                     eval_rewards = self.eval_ledger.score(prompts, texts)
             lengths = [len(r) for rs in samples for r in rs]
-            k = c.rollout.eval_samples
-            per_prompt = [float(sum(rewards[j * k:(j + 1) * k])) / k for j in range(len(mine))]
+        k = c.rollout.eval_samples
+        per_prompt = [float(sum(rewards[j * k:(j + 1) * k])) / k for j in range(len(mine))]
+        eval_per_prompt = [float(sum(eval_rewards[j * k:(j + 1) * k])) / k for j in range(len(mine))
+                           if eval_rewards]
         if release := getattr(self.engine, "release", None):
             release()
-        parts = all_gather_objects((rewards, lengths, dict(zip(mine, per_prompt)), eval_rewards))
+        parts = all_gather_objects((rewards, lengths, dict(zip(mine, per_prompt)), eval_rewards,
+                                    dict(zip(mine, eval_per_prompt))))
         rewards = [r for part in parts for r in part[0]]
         lengths = [n for part in parts for n in part[1]]
         by_prompt = {i: r for part in parts for i, r in part[2].items()}
         eval_rewards = [r for part in parts for r in part[3]]
+        eval_by_prompt = {i: r for part in parts for i, r in part[4].items()}
         prompt_rewards = [by_prompt[i] for i in range(len(self.eval_ids))]
         s.seconds["evaluation"] += time.perf_counter() - started
         reward = sum(rewards) / len(rewards)
@@ -868,10 +874,13 @@ class MetaAPORun:
         extra = {}
         if self.eval_ledger is not None:
             extra["eval_reward"] = sum(eval_rewards) / len(eval_rewards)
+            extra["eval_prompt_rewards"] = [eval_by_prompt[i] for i in range(len(self.eval_ids))]
             if iteration == 0:
                 s.eval_reward_initial = extra["eval_reward"]
+                s.eval_prompt_rewards_initial = extra["eval_prompt_rewards"]
             else:
                 s.eval_rewards.append(extra["eval_reward"])
+            s.eval_prompt_rewards_final = extra["eval_prompt_rewards"]
         self.metrics.write("eval", s.step, iteration, reward=reward, **extra,
                            response_tokens_mean=sum(lengths) / len(lengths), prompt_rewards=prompt_rewards)
         return reward
@@ -905,7 +914,10 @@ class MetaAPORun:
             "reward_per_iteration": s.rewards, "seconds": secs,
             **({"eval_reward_initial": s.eval_reward_initial,
                 "eval_reward_final": s.eval_rewards[-1] if s.eval_rewards else s.eval_reward_initial,
-                "eval_reward_per_iteration": s.eval_rewards} if s.eval_reward_initial is not None else {}),
+                "eval_reward_per_iteration": s.eval_rewards,
+                "eval_win_rate_vs_start": (win_rate(s.eval_prompt_rewards_final, s.eval_prompt_rewards_initial)
+                                           if s.eval_rewards and s.eval_prompt_rewards_initial else None)}
+               if s.eval_reward_initial is not None else {}),
             "decisions_changed_by_meta": (s.decisions_changed / max(1, s.considered)
                                           if self.strategy.sampling == "meta" else None),
             "win_rate_vs_start": (win_rate(s.prompt_rewards_final, s.prompt_rewards_initial)

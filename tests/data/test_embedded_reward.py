@@ -119,3 +119,53 @@ def test_the_eval_reward_scores_the_same_held_out_samples_beside_the_reward(runs
     assert t["eval_reward_final"] == trained["evals"][-1]["eval_reward"]
     assert [r["iteration"] for r in trained["evals"]] == [0, 1, 2]
     assert f"eval reward {t['eval_reward_initial']:.4f} -> {t['eval_reward_final']:.4f}" in trained["log"]
+
+
+def _win_rate_by_hand(final, start):
+    return sum(1.0 if f > s else 0.5 if f == s else 0.0 for f, s in zip(final, start)) / len(final)
+
+
+def test_the_eval_win_rate_is_counted_per_prompt_by_the_eval_reward(runs):
+    _, _, trained, programmatic = runs
+    for run in (trained, programmatic):
+        first, last = run["evals"][0]["eval_prompt_rewards"], run["evals"][-1]["eval_prompt_rewards"]
+        assert len(first) == len(run["evals"][0]["prompt_rewards"]) > 0
+        # Each prompt's mean over its samples: the row's eval_reward is their mean (equal sample counts).
+        assert sum(first) / len(first) == pytest.approx(run["evals"][0]["eval_reward"], abs=1e-12)
+        assert run["summary"]["eval_win_rate_vs_start"] == pytest.approx(_win_rate_by_hand(last, first), abs=1e-12)
+    # With the annotating reward as the eval reward, the two win rates are one.
+    assert programmatic["summary"]["eval_win_rate_vs_start"] == programmatic["summary"]["win_rate_vs_start"]
+    assert "eval win rate vs start" in trained["log"]  # the final table
+
+
+def test_a_killed_run_with_an_eval_reward_resumes_to_the_uninterrupted_result_paying_no_eval_text_twice(
+        runs, tmp_path):
+    import signal
+    import time
+
+    root, cache, _, programmatic = runs
+    out = tmp_path / "resumed"
+    command = [str(NEMO), "llm", "metaapo", "--recipe", "tiny_cpu", "--yes", f"output_dir={out}",
+               f"task.cache_dir={cache}", *SHRUNK_TINY_CPU, "algo.probe_unsampled=0", f"reward.eval_reward_fn={REWARD_FN}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "COLUMNS": "160"}
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT,
+                            start_new_session=True)
+    latest, deadline = out / "checkpoints" / "latest", time.time() + 600
+    while not (latest.exists() and latest.read_text() == "iter_1"):  # iteration 1 evaluated, by both rewards
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed = _run(out, cache, f"reward.eval_reward_fn={REWARD_FN}")
+    assert "resumed" in resumed["log"]
+    s, u = resumed["summary"], programmatic["summary"]
+    for key in ("eval_reward_initial", "eval_reward_per_iteration", "eval_win_rate_vs_start", "reward_per_iteration"):
+        assert s[key] == u[key], key
+
+    def paid(run_dir):  # the keys of the ledger's whole lines (a line cut by the kill is paid again)
+        lines = [line for p in sorted((run_dir / "eval_rewards").glob("rank_*.jsonl"))
+                 for line in p.read_text().splitlines()]
+        return [json.loads(line)["key"] for line in lines if line.endswith("}")]
+
+    # The eval ledger holds each scored text once, as many as the uninterrupted run paid for.
+    assert len(paid(out)) == len(set(paid(out))) == len(paid(root / "programmatic"))
