@@ -6,9 +6,10 @@ row per sequence, on the tiny_cpu model and the toy task's real sequences, one p
 Separate rows are the layout before packing: each (prompt, response) right-padded in its own row,
 causal attention with no mask. Packed rows are data.batching.collate's: a prompt group
 [prompt | response 1 | response 2 | ...] behind a block mask (each response sees its prompt and
-itself) with rotary positions that restart after the prompt, several groups to a row up to
-ROW_CAPACITY (1.6) times the longest group's tokens ("packed rows"), or one group per row
-("packed rows, one prompt per row", `row_capacity=0`, the layout before rows were filled). Measured, with random weights (the speed
+itself) with rotary positions that restart after the prompt, several groups to a row in the
+layout of ROW_CAPACITIES with the least matrix-product work for the model ("packed rows", the
+default), at a fixed 1.6 times the longest group's tokens ("packed rows, capacity 1.6", the
+layout before), or one group per row ("packed rows, one prompt per row", `row_capacity=0`). Measured, with random weights (the speed
 does not depend on them), 16 prompts of the task (offline pairs at tiny_cpu's knobs, so spaced
 offline responses; toy_task.sft_responses standing in for the policy's online samples):
 
@@ -33,6 +34,8 @@ import time
 
 import torch
 
+PACKED = ("packed rows, one prompt per row", "packed rows, capacity 1.6", "packed rows")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,7 +48,7 @@ def main() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from metaapo_nemo.data import toy_task
-    from metaapo_nemo.data.batching import ROW_CAPACITY, collate, encode_prompt, encode_response
+    from metaapo_nemo.data.batching import collate, encode_prompt, encode_response
     from metaapo_nemo.distributed import init_distributed
     from metaapo_nemo.models.hf_convert import model_config_from_hf
     from metaapo_nemo.models.logprobs import sequence_logprobs
@@ -79,6 +82,10 @@ def main() -> None:
     print(f"tokens: prompt {mean_len(off_c, 0):.1f}, offline response {mean_len(off_c + off_r, 1):.1f}, "
           f"online response {mean_len(on_c + on_r, 1):.1f} (mean over the 512 prompts)")
 
+    def pack(seqs, layout):
+        capacity = {"packed rows, one prompt per row": 0, "packed rows, capacity 1.6": 1.6}.get(layout)
+        return collate(seqs, 0, row_capacity=capacity, attention_width=cfg.attention_width)
+
     def fwd_bwd(batch):
         def run():
             model.zero_grad(set_to_none=True)
@@ -93,9 +100,9 @@ def main() -> None:
         def make_batch(mb):  # as MetaAPO's make_batch orders them
             on = [i for i in mb if i in annotated]
             seqs = [off_c[i] for i in mb] + [off_r[i] for i in mb] + [on_c[i] for i in on] + [on_r[i] for i in on]
-            if layout == "rows":
+            if layout == "separate rows":
                 return separate_rows(seqs, 0)
-            return collate(seqs, 0, row_capacity=0 if layout == "one prompt" else ROW_CAPACITY)
+            return pack(seqs, layout)
 
         def loss_fn(mb, logp, ntok):
             b, m = len(mb), (len(logp) - 2 * len(mb)) // 2
@@ -113,14 +120,11 @@ def main() -> None:
     variants = {
         "fwd+bwd 16 x 4": {"separate rows": fwd_bwd(separate_rows(x4, 0)),
                            "separate rows, causal mask": fwd_bwd(separate_rows(x4, 0, causal_mask=True)),
-                           "packed rows, one prompt per row": fwd_bwd(collate(x4, 0, row_capacity=0)),
-                           "packed rows": fwd_bwd(collate(x4, 0))},
+                           **{layout: fwd_bwd(pack(x4, layout)) for layout in PACKED}},
         "fwd+bwd 16 x 2": {"separate rows": fwd_bwd(separate_rows(x2, 0)),
                            "separate rows, causal mask": fwd_bwd(separate_rows(x2, 0, causal_mask=True)),
-                           "packed rows, one prompt per row": fwd_bwd(collate(x2, 0, row_capacity=0)),
-                           "packed rows": fwd_bwd(collate(x2, 0))},
-        "train step (16 items)": {"separate rows": step("rows"), "packed rows, one prompt per row": step("one prompt"),
-                                  "packed rows": step("packed")},
+                           **{layout: fwd_bwd(pack(x2, layout)) for layout in PACKED}},
+        "train step (16 items)": {"separate rows": step("rows"), **{layout: step(layout) for layout in PACKED}},
         "scoring pass (512 pairs)": {"separate rows": scoring("rows"), "packed rows": scoring("packed")},
     }
     # Round-robin, one call of each variant in turn, so a busy spell of the machine hits all alike;
@@ -149,7 +153,7 @@ def main() -> None:
             shape = tokens = ""
             if what in shapes:
                 batch = (separate_rows(shapes[what], 0) if layout.startswith("separate") else
-                         collate(shapes[what], 0, row_capacity=0 if "one prompt" in layout else ROW_CAPACITY))
+                         pack(shapes[what], layout))
                 shape, tokens = "x".join(map(str, batch.tokens.shape)), batch.tokens.numel()
             print(f"{what:<26} {layout:<33} {shape:>6} {tokens:>6} {w * 1e3:>8.1f} {base_wall / w:>7.2f}x "
                   f"{c * 1e3:>7.1f} {base_cpu / c:>7.2f}x")

@@ -146,7 +146,8 @@ def _megatron_models(task: Task, precision: str):
     return policy, reference
 
 
-def _train_epoch(policy, chosen: list, rejected: list, ref_c, ref_r, batch: int, pad_id: int) -> int:
+def _train_epoch(policy, chosen: list, rejected: list, ref_c, ref_r, batch: int, pad_id: int,
+                 attention_width: float | None = None) -> int:
     """One epoch of DPO steps over the pairs (chosen[i], rejected[i]) in a seeded order; returns the steps."""
     from metaapo_nemo.algorithm.objectives import Objective, PairLogps
     from metaapo_nemo.data.batching import collate
@@ -154,7 +155,7 @@ def _train_epoch(policy, chosen: list, rejected: list, ref_c, ref_r, batch: int,
     objective = Objective("dpo", beta=BETA)
 
     def make_batch(idx):
-        return collate([chosen[i] for i in idx] + [rejected[i] for i in idx], pad_id)
+        return collate([chosen[i] for i in idx] + [rejected[i] for i in idx], pad_id, attention_width=attention_width)
 
     def loss_fn(idx, logp, ntok):
         n = len(idx)
@@ -181,7 +182,7 @@ def ours_offline(task: Task, precision: str) -> Run:
     n = len(chosen)
     ref = reference.score(chosen + rejected, batch_size=2 * b)[0]
     scored = time.perf_counter()
-    steps = _train_epoch(policy, chosen, rejected, ref[:n], ref[n:], b, tok.pad_token_id)
+    steps = _train_epoch(policy, chosen, rejected, ref[:n], ref[n:], b, tok.pad_token_id, task.cfg.attention_width)
     done = time.perf_counter()
     tokens = sum(len(q) + len(r) for q, r in chosen + rejected)
     return Run(done - started, {"pairs": n, "tokens": tokens, "steps": steps},
@@ -217,7 +218,8 @@ def ours_online(task: Task) -> Run:
     n = len(chosen)
     ref = reference.score(chosen + rejected, batch_size=2 * s.batch)[0]
     scored = time.perf_counter()
-    steps = _train_epoch(policy, chosen, rejected, ref[:n], ref[n:], s.batch, tok.pad_token_id)
+    steps = _train_epoch(policy, chosen, rejected, ref[:n], ref[n:], s.batch, tok.pad_token_id,
+                         task.cfg.attention_width)
     done = time.perf_counter()
     return Run(done - started,
                {"sequences": sum(len(rs) for rs in samples), "pairs": n, "steps": steps,

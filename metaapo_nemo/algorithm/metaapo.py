@@ -733,7 +733,7 @@ class MetaAPORun:
                 seqs += [(examples[i].prompt, examples[i].chosen) for i in off_idx]
                 seqs += [(examples[i].prompt, examples[i].rejected) for i in off_idx]
             seqs += [(e.prompt, e.online[0]) for e in online] + [(e.prompt, e.online[1]) for e in online]
-            return collate(seqs, pad)
+            return collate(seqs, pad, attention_width=self.model_cfg.attention_width)
 
         def loss_fn(batch: list[TrainItem], logp, ntok):
             on_items = [k for k, it in enumerate(batch) if it.on_slot is not None]

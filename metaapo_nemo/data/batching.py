@@ -59,9 +59,9 @@ def truncate(
     return kept_prompt, kept_response, truncated
 
 
-# A row holds several prompts (each with its responses) up to this many times the longest prompt
-# group's tokens, when the batch needs a mask anyway; see collate.
-ROW_CAPACITY = 1.6
+# The row capacities collate tries, in multiples of the longest prompt group's tokens, when the
+# batch needs a mask anyway (several sequences share a prompt); see collate.
+ROW_CAPACITIES = (1.0, 1.3, 1.6, 2.0, 2.5, 3.0)
 
 
 @dataclass
@@ -119,15 +119,26 @@ def _fill_rows(sizes: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, row_capacity: float = ROW_CAPACITY) -> SequenceBatch:
+def _layout_cost(sizes: list[int], layout: list[list[int]], attention_width: float | None) -> float:
+    """Matrix-product work of a layout, in token-equivalents: every cell of the padded
+    [rows, width] batch pays its projections and MLP, and its attention over `width` keys adds
+    width / attention_width of that (ModelConfig.attention_width)."""
+    width = max(sum(sizes[g] for g in row) for row in layout)
+    return len(layout) * width * (1.0 + (width / attention_width if attention_width else 0.0))
+
+
+def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, row_capacity: float | None = None,
+            attention_width: float | None = None) -> SequenceBatch:
     """Pack ``(prompt_ids, response_ids)`` pairs into rows padded on the right with ``pad_id``
     (see SequenceBatch).
 
     The sequences that share a prompt form one group. With every group a single sequence, each
     row holds one: no mask is needed. Otherwise (a mask is needed anyway) the groups are packed
-    first-fit decreasing into rows of up to ``row_capacity`` times the longest group's tokens:
-    fewer padding tokens for the matrix products, at a bounded cost in attention (measured in
-    benchmarks/packed_rows.py). ``row_capacity=0``: one prompt per row, in the order given.
+    first-fit decreasing into rows of up to ``row_capacity`` times the longest group's tokens;
+    with ``row_capacity=None`` (the default) into the layout of ROW_CAPACITIES with the least
+    matrix-product work: padded cells, each weighted by 1 + width / ``attention_width`` (pass the
+    model's ModelConfig.attention_width; None counts the cells alone). Measured in
+    benchmarks/packed_rows.py. ``row_capacity=0``: one prompt per row, in the order given.
     """
     if not sequences:
         raise ValueError("collate got no sequences")
@@ -136,7 +147,10 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, row_capac
     groups = group_by_prompt(sequences)
     sizes = [len(sequences[g[0]][0]) + sum(len(sequences[i][1]) for i in g) for g in groups]
     shared = len(groups) < len(sequences)
-    if shared and row_capacity > 0:
+    if shared and row_capacity is None:
+        layouts = [_fill_rows(sizes, int(c * max(sizes))) for c in ROW_CAPACITIES]
+        layout = min(layouts, key=lambda rows: _layout_cost(sizes, rows, attention_width))
+    elif shared and row_capacity > 0:
         layout = _fill_rows(sizes, max(max(sizes), int(row_capacity * max(sizes))))
     else:
         layout = [[g] for g in range(len(groups))]

@@ -304,7 +304,8 @@ def _dpo_warmup(task, cfg, sft_weights, tokenizer, pairs, seed, console) -> Mega
     batch_size = min(64, len(pairs))
 
     def make_batch(idx):
-        return collate([chosen[i] for i in idx] + [rejected[i] for i in idx], tokenizer.pad_token_id)
+        return collate([chosen[i] for i in idx] + [rejected[i] for i in idx], tokenizer.pad_token_id,
+                       attention_width=cfg.attention_width)
 
     def dpo_loss(idx, logp, ntok):
         n = len(idx)

@@ -29,5 +29,15 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def attention_width(self) -> float:
+        """The row width at which a token's attention costs as many FLOPs as its other matrix
+        products in a decoder layer: (q, k, v, output projection and SwiGLU weights) over
+        (2 x heads x head_dim, scores and context per key). data.batching.collate weighs padding
+        against row width with it; 720 for tiny_cpu, ~26600 for Llama 3.1 8B."""
+        d, q, kv = self.head_dim, self.num_attention_heads, self.num_query_groups
+        weights = self.hidden_size * (q + 2 * kv) * d + q * d * self.hidden_size + 3 * self.hidden_size * self.ffn_hidden_size
+        return weights / (2 * q * d)
+
     def to_dict(self) -> dict:
         return asdict(self)

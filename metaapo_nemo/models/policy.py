@@ -149,7 +149,8 @@ class MegatronPolicy:
 
         def forward_step(data_iterator, model):
             idx = next(data_iterator)
-            out, ntok = self._stage_forward(model, collate([sequences[i] for i in idx], self.pad_id))
+            out, ntok = self._stage_forward(model, collate([sequences[i] for i in idx], self.pad_id,
+                                                               attention_width=self.cfg.attention_width))
             if ntok is None:
                 return out, None
 

@@ -74,7 +74,7 @@ def test_collate_right_pads_one_row_per_prompt_with_no_mask():
 def test_collate_packs_the_responses_that_share_a_prompt_behind_one_copy_of_it():
     # Sequences 0, 2 and 3 share prompt [1, 2]; prompt [5]'s group (2 tokens) fits in the same row
     # (capacity 1.6 x the longest group's 8 tokens), after the longer group.
-    batch = collate([([1, 2], [3, 4]), ([5], [6]), ([1, 2], [7]), ([1, 2], [8, 9, 10])], pad_id=0)
+    batch = collate([([1, 2], [3, 4]), ([5], [6]), ([1, 2], [7]), ([1, 2], [8, 9, 10])], pad_id=0, row_capacity=1.6)
     assert batch.tokens.tolist() == [[1, 2, 3, 4, 7, 8, 9, 10, 5, 6]]
     # A response's positions continue from its prompt's end, as if it followed the prompt alone;
     # every prompt starts at 0.
@@ -104,7 +104,7 @@ def test_collate_fills_rows_first_fit_decreasing_up_to_the_capacity():
     # Groups of 10, 7 and 3 tokens, capacity int(1.6 x 10) = 16: the 10 and the 3 share row 0, the
     # 7 does not fit beside them and takes row 1, padded to 13.
     sequences = [([1, 2], [3, 4, 5, 6]), ([5], [6, 6, 6, 6, 6, 6]), ([11, 12], [13]), ([1, 2], [7, 8, 9, 10])]
-    batch = collate(sequences, pad_id=0)
+    batch = collate(sequences, pad_id=0, row_capacity=1.6)
     assert batch.tokens.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13],
                                      [5, 6, 6, 6, 6, 6, 6, 0, 0, 0, 0, 0, 0]]
     assert batch.rows.tolist() == [0, 1, 0, 0] and batch.starts.tolist() == [2, 1, 12, 6]
@@ -115,6 +115,34 @@ def test_collate_fills_rows_first_fit_decreasing_up_to_the_capacity():
     sees = ~batch.attention_mask[1, 0]
     assert sees[9].int().tolist() == [0] * 7 + [1, 1, 1] + [0] * 3
     assert not sees[:7, 7:].any()
+
+
+def test_collate_picks_the_row_layout_with_the_least_matrix_product_work():
+    # Groups of 6, 3, 3 and 3 tokens. By capacity (x 6): 1.0 and 1.3 give rows [6 | 3+3 | 3],
+    # 3 x 6 = 18 cells; 1.6 (9) [6+3 | 3+3], 2 x 9 = 18; 2.0 (12) [6+3+3 | 3], 2 x 12 = 24;
+    # 2.5 (15) and 3.0 (18) one row of 15 = 15 cells.
+    sequences = [([1, 2], [3, 4]), ([1, 2], [5, 6]), ([7], [8]), ([7], [9]), ([10], [11]), ([10], [12]),
+                 ([13], [14]), ([13], [15])]
+    cells_only = collate(sequences, pad_id=0)
+    assert cells_only.tokens.shape == (1, 15)
+    assert cells_only.tokens.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]]
+    # Attention as costly per key as the rest at width 10: each cell costs 1 + width / 10, so
+    # 18 x 1.6 = 28.8 (three rows of 6, the first such layout: capacity 1.0) beats 18 x 1.9 =
+    # 34.2 and 15 x 2.5 = 37.5.
+    weighed = collate(sequences, pad_id=0, attention_width=10.0)
+    assert weighed.tokens.tolist() == [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12], [13, 14, 15, 0, 0, 0]]
+    assert weighed.rows.tolist() == [0, 0, 1, 1, 1, 1, 2, 2]
+    # An explicit capacity is kept.
+    assert collate(sequences, pad_id=0, row_capacity=1.6).tokens.shape == (2, 9)
+
+
+def test_model_attention_width_counts_the_flops_of_a_layer():
+    from metaapo_nemo.models.config import ModelConfig
+
+    # tiny_cpu: hidden 128, 4 heads of 32, 2 KV groups, SwiGLU 352. Weights per layer:
+    # q, k, v 128 x 256 + output 128 x 128 + MLP 3 x 128 x 352 = 32768 + 16384 + 135168 = 184320;
+    # attention per key and token: 2 x 4 x 32 = 256 multiply-adds. 184320 / 256 = 720.
+    assert ModelConfig(64, 128, 4, 4, 2, 352).attention_width == 720.0
 
 
 def test_collate_keeps_one_sequence_per_row_when_no_prompt_is_shared():

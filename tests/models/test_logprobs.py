@@ -111,7 +111,7 @@ PACKED_ATOL = 1e-4
 def test_packed_rows_give_each_response_its_logprobs_alone(pair):
     hf_model, model, _ = pair
     sequences = _shared_prompt_sequences()
-    batch = collate(sequences, pad_id=0)
+    batch = collate(sequences, pad_id=0, row_capacity=1.6)
     # Three prompts in two rows: prompt a alone, then b and c (and their responses) in one row.
     assert batch.tokens.size(0) == 2 and batch.attention_mask is not None and (batch.prompt_starts > 0).any()
     with torch.no_grad():
