@@ -1,17 +1,22 @@
 """The prompt computed once for the responses that share it (issue 10): packed rows against one
 row per sequence, on the tiny_cpu model and the toy task's real sequences, one process.
 
-    OMP_NUM_THREADS=1 python benchmarks/packed_rows.py [--reps 7] [--rounds 3] [--threads 1]
+    OMP_NUM_THREADS=1 python benchmarks/packed_rows.py [--reps 7] [--rounds 3] [--threads 1] [--letters 64 80]
 
 Separate rows are the layout before packing: each (prompt, response) right-padded in its own row,
 causal attention with no mask. Packed rows are data.batching.collate's: a prompt group
 [prompt | response 1 | response 2 | ...] behind a block mask (each response sees its prompt and
 itself) with rotary positions that restart after the prompt, several groups to a row in the
-layout of ROW_CAPACITIES with the least matrix-product work for the model ("packed rows", the
-default), at a fixed 1.6 times the longest group's tokens ("packed rows, capacity 1.6", the
-layout before), or one group per row ("packed rows, one prompt per row", `row_capacity=0`). Measured, with random weights (the speed
-does not depend on them), 16 prompts of the task (offline pairs at tiny_cpu's knobs, so spaced
-offline responses; toy_task.sft_responses standing in for the policy's online samples):
+layout of ROW_CAPACITIES with the least matrix-product work for the model ("masked rows, least
+work", `segments=False`), at a fixed 1.6 times the longest group's tokens ("packed rows, capacity
+1.6", an earlier default), or one group per row ("packed rows, one prompt per row",
+`row_capacity=0`); or every group in one unpadded row attended by segments (data.batching.Segments:
+one causal SDPA over the prompts, one over each response's queries against its prompt and itself;
+"one row by segments", `segments=True`); "packed rows" is collate's default, the less work of the
+last two by its cost model. Measured, with random weights (the speed does not depend on them),
+16 prompts of the task (offline pairs at tiny_cpu's knobs, so spaced offline responses;
+toy_task.sft_responses standing in for the policy's online samples); `--letters 64 80`: prompts of
+64-80 letters, the generation-heavy variant of benchmarks/metaapo_cost.py (answers as long):
 
 - fwd+bwd of the model and the response log-probs, 16 items x 4 responses (a MetaAPO training
   item: offline chosen/rejected, online chosen/rejected) and x 2 (an Online DPO item, a pair);
@@ -34,7 +39,8 @@ import time
 
 import torch
 
-PACKED = ("packed rows, one prompt per row", "packed rows, capacity 1.6", "packed rows")
+PACKED = {"packed rows, one prompt per row": dict(row_capacity=0), "packed rows, capacity 1.6": dict(row_capacity=1.6),
+          "masked rows, least work": dict(segments=False), "one row by segments": dict(segments=True), "packed rows": {}}
 
 
 def main() -> None:
@@ -42,6 +48,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--letters", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
+                        help="letters per prompt (default: the task's own)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -58,13 +66,15 @@ def main() -> None:
     tokenizer = toy_task.build_tokenizer()
     torch.manual_seed(0)
     hf = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=128 if args.letters is None else 256,
                                       bos_token_id=1, eos_token_id=2, pad_token_id=0))
     cfg = model_config_from_hf(hf.config)
     policy = MegatronPolicy(cfg, hf.state_dict(), pad_id=0, optim=OptimConfig(lr=2e-5, clip_grad=1.0))
     model = policy.model
 
-    prompts = toy_task.make_prompts(512, seed=1)
+    letters = {} if args.letters is None else dict(min_letters=args.letters[0], max_letters=args.letters[1])
+    prompts = toy_task.make_prompts(512, seed=1, **letters)
     pairs = toy_task.offline_pairs(prompts, seed=2, correct=0.4, informative=0.8, shift=0.5)
     online = [toy_task.sft_responses(prompts, seed=s) for s in (3, 4)]
     ids = [encode_prompt(tokenizer, p) for p in prompts]
@@ -83,8 +93,7 @@ def main() -> None:
           f"online response {mean_len(on_c + on_r, 1):.1f} (mean over the 512 prompts)")
 
     def pack(seqs, layout):
-        capacity = {"packed rows, one prompt per row": 0, "packed rows, capacity 1.6": 1.6}.get(layout)
-        return collate(seqs, 0, row_capacity=capacity, attention_width=cfg.attention_width)
+        return collate(seqs, 0, attention_width=cfg.attention_width, **PACKED[layout])
 
     def fwd_bwd(batch):
         def run():
@@ -160,8 +169,9 @@ def main() -> None:
 
     policy.model.eval()
     with torch.no_grad():
-        diffs = [(sequence_logprobs(model, collate(seqs, 0))[0] - sequence_logprobs(model, separate_rows(seqs, 0))[0])
-                 .abs().max().item() for seqs in (x4, x2)]
+        diffs = [(sequence_logprobs(model, collate(seqs, 0, segments=by_segments))[0]
+                  - sequence_logprobs(model, separate_rows(seqs, 0))[0]).abs().max().item()
+                 for seqs in (x4, x2) for by_segments in (True, False)]
         scored = (policy.score(off_c + off_r)[0] - torch.cat([policy.score(off_c)[0], policy.score(off_r)[0]]))
     print(f"\nmax |packed - separate| of the log-prob sums: fwd {max(diffs):.2e}, "
           f"scoring {scored.abs().max().item():.2e}")

@@ -3,9 +3,10 @@
 A sequence is ``prompt_ids + response_ids``; the sequence log-prob log pi(y|x) counts the response
 tokens only. The sequences of a batch that share a prompt (a pair's chosen and rejected, an item's
 offline and online responses) share one row: the prompt once, then each response, kept apart by an
-attention mask (ECOSYSTEM.md, speed levers: the prompt computed once). Rows are right-padded, and
-a batch whose rows each hold one response needs no mask at all: causal attention keeps every real
-token from seeing the padding that follows it.
+attention mask (ECOSYSTEM.md, speed levers: the prompt computed once) or, where that is less work,
+all in one unpadded row attended by segments (Segments). Rows are right-padded, and a batch whose
+rows each hold one response needs no mask at all: causal attention keeps every real token from
+seeing the padding that follows it.
 """
 
 from dataclasses import dataclass, fields, replace
@@ -65,6 +66,83 @@ ROW_CAPACITIES = (1.0, 1.3, 1.6, 2.0, 2.5, 3.0)
 
 
 @dataclass
+class Segments:
+    """Attention by segments, for a batch whose sequences share prompts: each prompt attends
+    causally to itself, each response to its prompt and causally to itself, and nothing else is
+    computed (a dense mask over the row would compute every masked-out query-key product too:
+    4x the needed work for a prompt with four responses of its length). Flat token index
+    ``i = s * B + b`` is column s of row b in megatron's sequence-first layout.
+
+    ``prompt_index`` [G, P]: the flat index of each group's prompt tokens, padded at the end with
+    its last one (causal attention keeps every real query from the padding after it);
+    ``key_index`` [N, P + L]: per response, its prompt's tokens (``prompt_index`` of its group)
+    then its own, padded likewise; ``response_mask`` [N, 1, L, P + L], True = attend: the
+    prompt's real keys, then the response's keys causally; ``out_index`` [B * S]: where each flat
+    token's attention output is in the concatenation of the prompt outputs [G * P] and the
+    response outputs [N * L] (padding tokens read an arbitrary one; nothing reads them back).
+    """
+
+    prompt_index: torch.Tensor
+    key_index: torch.Tensor
+    response_mask: torch.Tensor
+    out_index: torch.Tensor
+
+    @property
+    def response_index(self) -> torch.Tensor:
+        """[N, L]: the flat index of each response's tokens (the last L columns of key_index)."""
+        return self.key_index[:, self.prompt_index.size(1):]
+
+    def to(self, device) -> "Segments":
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def _segments_cost(groups: list[list[int]], sequences, attention_width: float | None) -> float:
+    """_layout_cost's measure for attention by segments: one row of the real tokens, no padding;
+    the causal prompt attention over [G, P] and each response's [L] queries over its P + L keys
+    (P, L: the longest prompt and response), in token-equivalents of attention_width keys."""
+    tokens = sum(len(sequences[g[0]][0]) + sum(len(sequences[i][1]) for i in g) for g in groups)
+    if not attention_width:
+        return float(tokens)
+    p_max = max(len(sequences[g[0]][0]) for g in groups)
+    l_max = max(len(response) for _, response in sequences)
+    keys = len(groups) * p_max * p_max / 2 + len(sequences) * l_max * (p_max + l_max)
+    return tokens + keys / attention_width
+
+
+def _segments(groups: list[list[int]], sequences, n_rows: int, width: int, rows: list[int], starts: list[int],
+              prompt_starts: list[int]) -> Segments:
+    """The Segments of a collated batch of n_rows rows of `width` columns."""
+    prompt_len = [len(sequences[g[0]][0]) for g in groups]
+    response_len = [len(response) for _, response in sequences]
+    p_max, l_max = max(prompt_len), max(1, max(response_len))
+    group_of = [0] * len(sequences)
+    prompt_index, key_index = [], []
+    out_index = [0] * (n_rows * width)  # padding reads output 0
+    for g, members in enumerate(groups):
+        first = members[0]
+        cols = [c * n_rows + rows[first] for c in range(prompt_starts[first], prompt_starts[first] + prompt_len[g])]
+        for p, flat in enumerate(cols):
+            out_index[flat] = g * p_max + p
+        prompt_index.append(cols + cols[-1:] * (p_max - len(cols)))
+        for n in members:
+            group_of[n] = g
+    base = len(groups) * p_max
+    for n in range(len(sequences)):
+        cols = [c * n_rows + rows[n] for c in range(starts[n], starts[n] + response_len[n])]
+        for j, flat in enumerate(cols):
+            out_index[flat] = base + n * l_max + j
+        prompt = prompt_index[group_of[n]]
+        key_index.append(prompt + cols + (cols or prompt)[-1:] * (l_max - len(cols)))
+    keys = torch.arange(p_max + l_max)
+    lens = torch.tensor([prompt_len[g] for g in group_of])
+    prompt_part = (keys[:p_max] < lens[:, None])[:, None, :].expand(-1, l_max, -1)  # [N, L, P]
+    response_part = (keys[:l_max] <= torch.arange(l_max)[:, None]).expand(len(sequences), -1, -1)  # [N, L, L]
+    return Segments(prompt_index=torch.tensor(prompt_index), key_index=torch.tensor(key_index),
+                    response_mask=torch.cat([prompt_part, response_part], dim=2)[:, None],
+                    out_index=torch.tensor(out_index))
+
+
+@dataclass
 class SequenceBatch:
     """(prompt, response) sequences packed by prompt into right-padded rows.
 
@@ -89,10 +167,12 @@ class SequenceBatch:
     lengths: torch.Tensor  # [N], prompt + response: the sequence's length on its own
     num_tokens: int  # real (non-padding) tokens in the rows: a shared prompt counts once
     prompt_starts: torch.Tensor  # [N]
+    # Attention by segments instead of attention_mask (then None): see Segments.
+    segments: Segments | None = None
 
     def to(self, device) -> "SequenceBatch":
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
-                                if isinstance(getattr(self, f.name), torch.Tensor)})
+                                if isinstance(getattr(self, f.name), (torch.Tensor, Segments))})
 
 
 def group_by_prompt(sequences: list[tuple[list[int], list[int]]]) -> list[list[int]]:
@@ -128,7 +208,7 @@ def _layout_cost(sizes: list[int], layout: list[list[int]], attention_width: flo
 
 
 def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, row_capacity: float | None = None,
-            attention_width: float | None = None) -> SequenceBatch:
+            attention_width: float | None = None, segments: bool | None = None) -> SequenceBatch:
     """Pack ``(prompt_ids, response_ids)`` pairs into rows padded on the right with ``pad_id``
     (see SequenceBatch).
 
@@ -139,6 +219,11 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, row_capac
     matrix-product work: padded cells, each weighted by 1 + width / ``attention_width`` (pass the
     model's ModelConfig.attention_width; None counts the cells alone). Measured in
     benchmarks/packed_rows.py. ``row_capacity=0``: one prompt per row, in the order given.
+
+    ``segments=True``: no mask; every group goes into ONE row, in the order given, with no
+    padding at all, and attention is computed by segments (Segments: only the query-key products
+    a mask would keep). The default (``None``), with shared prompts and no ``row_capacity``: by
+    segments when that costs no more work, by _segments_cost, than the best masked layout.
     """
     if not sequences:
         raise ValueError("collate got no sequences")
@@ -147,13 +232,18 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, row_capac
     groups = group_by_prompt(sequences)
     sizes = [len(sequences[g[0]][0]) + sum(len(sequences[i][1]) for i in g) for g in groups]
     shared = len(groups) < len(sequences)
+    by_segments = shared and bool(segments)
     if shared and row_capacity is None:
         layouts = [_fill_rows(sizes, int(c * max(sizes))) for c in ROW_CAPACITIES]
         layout = min(layouts, key=lambda rows: _layout_cost(sizes, rows, attention_width))
+        if segments is None:
+            by_segments = _segments_cost(groups, sequences, attention_width) <= _layout_cost(sizes, layout, attention_width)
     elif shared and row_capacity > 0:
         layout = _fill_rows(sizes, max(max(sizes), int(row_capacity * max(sizes))))
     else:
         layout = [[g] for g in range(len(groups))]
+    if by_segments:
+        layout = [list(range(len(groups)))]
     # Per token, a segment id: group g's prompt is g * span, its k-th response g * span + k; padding
     # is its own segment. A token sees a key of its own segment or of its group's prompt, causally.
     span = max(len(g) for g in groups) + 1
@@ -183,7 +273,7 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, row_capac
         position_ids[row, : len(row_tokens)] = torch.tensor(row_positions, dtype=torch.long)
         segment[row, : len(row_tokens)] = torch.tensor(row_segments, dtype=torch.long)
     attention_mask = None
-    if shared:
+    if shared and not by_segments:
         key, query = segment[:, None, :], segment[:, :, None]
         causal = torch.ones(width, width, dtype=torch.bool).tril()
         attention_mask = ~(causal & ((key == query) | (key == query // span * span)))[:, None]
@@ -198,4 +288,5 @@ def collate(sequences: list[tuple[list[int], list[int]]], pad_id: int, row_capac
         lengths=torch.tensor([p + len(response) for p, (_, response) in zip(prompt_lens, sequences)], dtype=torch.long),
         num_tokens=sum(len(row_tokens) for row_tokens, _, _ in packed),
         prompt_starts=torch.tensor(prompt_starts, dtype=torch.long),
+        segments=_segments(groups, sequences, len(layout), width, rows, starts, prompt_starts) if by_segments else None,
     )

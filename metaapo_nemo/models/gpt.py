@@ -7,6 +7,7 @@ local spec's baddbmm + softmax + bmm is the slowest part of a step (ECOSYSTEM.md
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -17,11 +18,13 @@ from metaapo_nemo.models import megatron_core  # noqa: F401  (first: megatron-co
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from metaapo_nemo.data.batching import Segments
 from metaapo_nemo.distributed import use_cuda
 from metaapo_nemo.models.config import ModelConfig
 
@@ -63,6 +66,8 @@ class SDPACoreAttention(MegatronModule):
         attention_bias: Optional[Tensor] = None,
         packed_seq_params=None,
     ) -> Tensor:
+        if isinstance(packed_seq_params, SegmentedAttention) and attention_bias is None:
+            return self._by_segments(query, key, value, packed_seq_params.segments)
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError("SDPACoreAttention takes neither packed sequences nor attention bias")
         sq, b, heads, d = query.shape
@@ -92,6 +97,38 @@ class SDPACoreAttention(MegatronModule):
         )
         # [b, n, sq, d] -> [sq, b, n * d]
         return context.permute(2, 0, 1, 3).reshape(sq, b, heads * d)
+
+    def _by_segments(self, query: Tensor, key: Tensor, value: Tensor, segments: Segments) -> Tensor:
+        """Attention of a batch laid out by data.batching.Segments: one causal SDPA over the
+        prompts [G, heads, P, d], one masked SDPA of the responses' queries [N, heads, L, d] over
+        their prompt's keys and their own [N, groups, P + L, d]; the outputs gathered back into
+        megatron's [sq, b, heads * d]. Gathers and their backward (index_add) cost a copy of q, k
+        and v; the attention FLOPs are those a mask keeps."""
+        sq, b, heads, d = query.shape
+        q, k, v = (t.reshape(sq * b, t.size(2), d) for t in (query, key, value))
+        dropout = self.dropout_p if self.training else 0.0
+
+        def take(t: Tensor, index: Tensor) -> Tensor:  # [M, L] flat indices -> [M, n, L, d]
+            return t.index_select(0, index.reshape(-1)).view(*index.shape, t.size(1), d).transpose(1, 2)
+
+        gqa = k.size(1) != heads
+        prompt = F.scaled_dot_product_attention(take(q, segments.prompt_index), take(k, segments.prompt_index),
+                                                take(v, segments.prompt_index), dropout_p=dropout, is_causal=True,
+                                                scale=self.softmax_scale, enable_gqa=gqa)
+        response = F.scaled_dot_product_attention(take(q, segments.response_index), take(k, segments.key_index),
+                                                  take(v, segments.key_index), attn_mask=segments.response_mask,
+                                                  dropout_p=dropout, scale=self.softmax_scale, enable_gqa=gqa)
+        outputs = torch.cat([prompt.transpose(1, 2).reshape(-1, heads * d), response.transpose(1, 2).reshape(-1, heads * d)])
+        return outputs.index_select(0, segments.out_index).view(sq, b, heads * d)
+
+
+@dataclass
+class SegmentedAttention(PackedSeqParams):
+    """How a batch laid out by segments (data.batching.Segments) reaches SDPACoreAttention:
+    megatron passes packed_seq_params from the decoder to every layer's core attention, and
+    treats it as packed sequences only when qkv_format is 'thd' (left None here)."""
+
+    segments: Optional[Segments] = None
 
 
 def llama_layer_spec() -> ModuleSpec:

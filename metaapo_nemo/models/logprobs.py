@@ -4,8 +4,8 @@
 log pi(y|x) is the sum of the response tokens' log-probs, prompt tokens masked (METAAPO.md,
 notation; the margin m and the scores of Eq. 4-5 are built from it). Three speed levers shape it
 (ECOSYSTEM.md): the responses that share a prompt share one row, so the prompt is computed once
-(data.batching.collate: a block mask and positions that restart after the prompt); rows are
-RIGHT-padded, so a batch of one response per row runs with no mask at all; and the LM head runs
+(data.batching.collate: a block mask or attention by segments, and positions that restart after
+the prompt); rows are RIGHT-padded, so a batch of one response per row runs with no mask at all; and the LM head runs
 only on the hidden states that predict response tokens.
 """
 from __future__ import annotations
@@ -18,7 +18,8 @@ from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.utils import unwrap_model
 
-from metaapo_nemo.data.batching import SequenceBatch
+from metaapo_nemo.data.batching import Segments, SequenceBatch
+from metaapo_nemo.models.gpt import SegmentedAttention
 
 
 def _positions(tokens: Tensor) -> Tensor:
@@ -26,12 +27,14 @@ def _positions(tokens: Tensor) -> Tensor:
 
 
 def decoder_hidden_states(
-    model, tokens: Tensor, position_ids: Tensor | None = None, attention_mask: Tensor | None = None
+    model, tokens: Tensor, position_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+    segments: Segments | None = None,
 ) -> Tensor:
     """This pipeline stage's decoder output [S, B, H] for tokens [B, S].
 
     position_ids [B, S]: each token's rotary position (None: 0..S-1 in every row); attention_mask
-    [B, 1, S, S], True = masked out (None: causal only). A SequenceBatch carries both. The first
+    [B, 1, S, S], True = masked out (None: causal only); or `segments`, attention by segments
+    (data.batching.Segments) in place of a mask. A SequenceBatch carries all three. The first
     stage embeds `tokens`; a later stage reads the activations its pipeline schedule passed in
     with `model.set_input_tensor` and uses `tokens` only for the shape: every stage needs the same
     positions and mask. The last stage's output has the final norm applied.
@@ -42,7 +45,9 @@ def decoder_hidden_states(
     # rotary_pos_emb(n) holds the frequencies of positions 0..n-1 as [n, 1, 1, D]; gathered per token
     # into [S, B, 1, D], which megatron's apply_rotary_pos_emb broadcasts over the heads.
     freqs = gpt.rotary_pos_emb(int(positions.max()) + 1)[:, 0][positions.t()]
-    return gpt.decoder(hidden_states=decoder_input, attention_mask=attention_mask, rotary_pos_emb=freqs)
+    packed = None if segments is None else SegmentedAttention(segments=segments)
+    return gpt.decoder(hidden_states=decoder_input, attention_mask=attention_mask, rotary_pos_emb=freqs,
+                       packed_seq_params=packed)
 
 
 def response_logprobs(model, hidden: Tensor, batch: SequenceBatch) -> tuple[Tensor, Tensor]:
@@ -90,7 +95,7 @@ def sequence_logprobs(model, batch: SequenceBatch) -> tuple[Tensor, Tensor]:
     gpt: GPTModel = unwrap_model(model)
     _require_whole_model(gpt, "sequence_logprobs")
     batch = batch.to(gpt.embedding.word_embeddings.weight.device)
-    hidden = decoder_hidden_states(model, batch.tokens, batch.position_ids, batch.attention_mask)
+    hidden = decoder_hidden_states(model, batch.tokens, batch.position_ids, batch.attention_mask, batch.segments)
     return response_logprobs(model, hidden, batch)
 
 

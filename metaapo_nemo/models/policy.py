@@ -121,7 +121,7 @@ class MegatronPolicy:
         stage, returned on the CPU where the losses and the cached reference log-probs live. Every
         stage builds the same batch, so each has the mask and positions its layers need."""
         batch = batch.to(next(self.model.parameters()).device)
-        hidden = decoder_hidden_states(model, batch.tokens, batch.position_ids, batch.attention_mask)
+        hidden = decoder_hidden_states(model, batch.tokens, batch.position_ids, batch.attention_mask, batch.segments)
         if not ps.is_pipeline_last_stage():
             return hidden, None
         logp, ntok = response_logprobs(model, hidden, batch)

@@ -123,13 +123,13 @@ def test_collate_picks_the_row_layout_with_the_least_matrix_product_work():
     # 2.5 (15) and 3.0 (18) one row of 15 = 15 cells.
     sequences = [([1, 2], [3, 4]), ([1, 2], [5, 6]), ([7], [8]), ([7], [9]), ([10], [11]), ([10], [12]),
                  ([13], [14]), ([13], [15])]
-    cells_only = collate(sequences, pad_id=0)
+    cells_only = collate(sequences, pad_id=0, segments=False)
     assert cells_only.tokens.shape == (1, 15)
     assert cells_only.tokens.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]]
     # Attention as costly per key as the rest at width 10: each cell costs 1 + width / 10, so
     # 18 x 1.6 = 28.8 (three rows of 6, the first such layout: capacity 1.0) beats 18 x 1.9 =
     # 34.2 and 15 x 2.5 = 37.5.
-    weighed = collate(sequences, pad_id=0, attention_width=10.0)
+    weighed = collate(sequences, pad_id=0, attention_width=10.0, segments=False)
     assert weighed.tokens.tolist() == [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12], [13, 14, 15, 0, 0, 0]]
     assert weighed.rows.tolist() == [0, 0, 1, 1, 1, 1, 2, 2]
     # An explicit capacity is kept.
@@ -149,6 +149,52 @@ def test_collate_keeps_one_sequence_per_row_when_no_prompt_is_shared():
     batch = collate([([1, 2], [3]), ([4], [5]), ([6], [7, 8])], pad_id=0)
     assert batch.attention_mask is None and batch.tokens.size(0) == 3
     assert batch.rows.tolist() == [0, 1, 2] and batch.prompt_starts.tolist() == [0, 0, 0]
+
+
+def test_collate_lays_shared_prompts_out_by_segments():
+    # Group 0: prompt [1, 2] with responses [3] and [4, 5]; group 1: prompt [6] with [7]. One row,
+    # no padding; the longest prompt P = 2, the longest response L = 2.
+    batch = collate([([1, 2], [3]), ([1, 2], [4, 5]), ([6], [7])], pad_id=0, segments=True)
+    assert batch.tokens.tolist() == [[1, 2, 3, 4, 5, 6, 7]] and batch.attention_mask is None
+    assert batch.rows.tolist() == [0, 0, 0] and batch.starts.tolist() == [2, 3, 6]
+    assert batch.prompt_starts.tolist() == [0, 0, 5] and batch.position_ids.tolist() == [[0, 1, 2, 2, 3, 0, 1]]
+    seg = batch.segments
+    assert seg.prompt_index.tolist() == [[0, 1], [5, 5]]  # group 1's prompt padded with its last token
+    # Per response: its prompt's tokens, then its own, padded with its last.
+    assert seg.key_index.tolist() == [[0, 1, 2, 2], [0, 1, 3, 4], [5, 5, 6, 6]]
+    assert seg.response_index.tolist() == [[2, 2], [3, 4], [6, 6]]
+    t, f = True, False
+    assert seg.response_mask[:, 0].tolist() == [
+        [[t, t, t, f], [t, t, t, t]],
+        [[t, t, t, f], [t, t, t, t]],
+        [[t, f, t, f], [t, f, t, t]],  # group 1's prompt has one real token
+    ]
+    # Outputs: prompts [G * P] = 4 slots, then responses [N * L] from slot 4.
+    assert seg.out_index.tolist() == [0, 1, 4, 6, 7, 2, 8]
+
+
+def test_collate_attends_by_segments_when_that_is_less_work():
+    from metaapo_nemo.data.batching import _segments_cost, group_by_prompt
+
+    # Equal prompts of 4 with two responses of 4: by segments 8 x 12 = 96 tokens and
+    # 8 x 4 x 4 / 2 + 16 x 4 x 8 = 576 query-key products; masked rows of 12 at best: at width 10
+    # 96 + 57.6 against 96 cells x (1 + 12 / 10).
+    even = [([g, g, g, g], [g + 1] * 4) for g in range(10, 90, 10) for _ in range(2)]
+    assert _segments_cost(group_by_prompt(even), even, 10.0) == 96 + 57.6
+    assert collate(even, pad_id=0, attention_width=10.0).segments is not None
+    # One prompt of 16 among seven of 1, one-token responses: segments pay P = 16 for every
+    # group (8 x 16 x 16 / 2 + 16 x 1 x 17 = 1296 products, 39 + 129.6) against two masked rows
+    # of 21 (18 + 3 | 7 x 3), 42 x (1 + 21 / 10) = 130.2.
+    uneven = [(list(range(1, 17)), [50]), (list(range(1, 17)), [51])]
+    uneven += [([g], [r]) for g in range(60, 67) for r in (3, 4)]
+    assert _segments_cost(group_by_prompt(uneven), uneven, 10.0) == pytest.approx(39 + 129.6)
+    chosen = collate(uneven, pad_id=0, attention_width=10.0)
+    assert chosen.segments is None and chosen.tokens.shape == (2, 21)
+    # Without an attention width, cells alone: one row of the real tokens always wins.
+    assert collate(uneven, pad_id=0).segments is not None
+    # Asked for explicitly, either way.
+    assert collate(uneven, pad_id=0, attention_width=10.0, segments=True).segments is not None
+    assert collate(even, pad_id=0, segments=False).segments is None
 
 
 def test_collate_rejects_empty_input():

@@ -108,12 +108,22 @@ def test_logprob_gradients_equal_transformers_gradients(pair):
 PACKED_ATOL = 1e-4
 
 
-def test_packed_rows_give_each_response_its_logprobs_alone(pair):
+# The two layouts of a batch whose sequences share prompts: rows with a mask (an explicit
+# row_capacity), and one row attended by segments (collate's default).
+LAYOUTS = {"mask": dict(row_capacity=1.6), "segments": {}}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_packed_rows_give_each_response_its_logprobs_alone(pair, layout):
     hf_model, model, _ = pair
     sequences = _shared_prompt_sequences()
-    batch = collate(sequences, pad_id=0, row_capacity=1.6)
-    # Three prompts in two rows: prompt a alone, then b and c (and their responses) in one row.
-    assert batch.tokens.size(0) == 2 and batch.attention_mask is not None and (batch.prompt_starts > 0).any()
+    batch = collate(sequences, pad_id=0, **LAYOUTS[layout])
+    if layout == "mask":
+        # Three prompts in two rows: prompt a alone, then b and c (and their responses) in one row.
+        assert batch.tokens.size(0) == 2 and batch.attention_mask is not None and (batch.prompt_starts > 0).any()
+    else:  # every group in one row, no padding, no mask
+        assert batch.tokens.size(0) == 1 and batch.attention_mask is None and batch.segments is not None
+        assert batch.tokens.size(1) == batch.num_tokens
     with torch.no_grad():
         packed, num_tokens = sequence_logprobs(model, batch)
         alone = torch.cat([sequence_logprobs(model, collate([s], pad_id=0))[0] for s in sequences])
@@ -124,7 +134,8 @@ def test_packed_rows_give_each_response_its_logprobs_alone(pair):
     assert torch.allclose(packed[[i for i, s in enumerate(sequences) if s[1]]], hand, atol=1e-4, rtol=0)
 
 
-def test_packed_rows_give_the_gradients_of_separate_rows(pair):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_packed_rows_give_the_gradients_of_separate_rows(pair, layout):
     _, model, _ = pair
     sequences = _shared_prompt_sequences()
     weights = torch.linspace(-1.5, 2.0, len(sequences))
@@ -134,7 +145,7 @@ def test_packed_rows_give_the_gradients_of_separate_rows(pair):
         logp = torch.cat([sequence_logprobs(model, b)[0] for b in batches])
         (weights * logp).sum().backward()
         return {name: p.grad.clone() for name, p in model.named_parameters()}
-    packed = grads([collate(sequences, pad_id=0)])
+    packed = grads([collate(sequences, pad_id=0, **LAYOUTS[layout])])
     separate = grads([collate([s], pad_id=0) for s in sequences])
     # Rounding relative to the tensor's scale: an entry near zero sums terms of the size of its
     # largest neighbours (the embedding's gradient reaches ~30 here; 2.7e-5 apart was measured).
@@ -143,14 +154,16 @@ def test_packed_rows_give_the_gradients_of_separate_rows(pair):
         assert float((grad - separate[name]).abs().max()) <= 1e-5 * scale, name
 
 
-def test_a_prompt_with_one_response_keeps_its_logprobs_in_a_packed_batch(pair):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_prompt_with_one_response_keeps_its_logprobs_in_a_packed_batch(pair, layout):
     _, model, _ = pair
     prompt, response = _shared_prompt_sequences()[0]
     with torch.no_grad():
         alone, _ = sequence_logprobs(model, collate([(prompt, response)], pad_id=0))
-        # Packed beside another prompt's pair, the single response's row is masked and padded.
-        mixed = collate([(prompt, response)] + _shared_prompt_sequences()[1:5:3], pad_id=0)
-        assert mixed.attention_mask is not None and mixed.tokens.size(1) > len(prompt + response)
+        # Packed beside another prompt's pair, the single response's row is masked and padded,
+        # or its segments share one row with the pair's.
+        mixed = collate([(prompt, response)] + _shared_prompt_sequences()[1:5:3], pad_id=0, **LAYOUTS[layout])
+        assert (mixed.attention_mask is not None) == (layout == "mask") and mixed.tokens.size(1) > len(prompt + response)
         packed, _ = sequence_logprobs(model, mixed)
     assert torch.allclose(packed[0], alone[0], atol=PACKED_ATOL, rtol=0)
 

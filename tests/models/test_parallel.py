@@ -93,14 +93,20 @@ def _tensor_parallel_checks(hf_model):
     tokens = _batch()
     with torch.no_grad():
         assert (full_logits(model, tokens) - hf_model(tokens).logits).abs().max() <= 1e-4
-    batch = collate(_sequences(), 0)
-    assert batch.tokens.size(0) < 3 and batch.attention_mask is not None  # two prompts share a row
+    with torch.no_grad():  # one row per sequence, sharded
+        alone = torch.cat([sequence_logprobs(model, collate([s], 0))[0] for s in _sequences()])
+    # Masked rows, then one row by segments, each against one row per sequence (test_logprobs:
+    # other groupings of float32 sums) and the hand-computed log-probs.
+    masked = collate(_sequences(), 0, segments=False)
+    assert masked.tokens.size(0) < 3 and masked.attention_mask is not None  # two prompts share a row
+    with torch.no_grad():
+        assert torch.allclose(sequence_logprobs(model, masked)[0], alone, atol=1e-4, rtol=0)
+    batch = collate(_sequences(), 0, segments=True)
+    assert batch.tokens.size(0) == 1 and batch.segments is not None
     logp_sum, _ = sequence_logprobs(model, batch)
     expected = _hand_logprobs(hf_model, _sequences())
     assert torch.allclose(logp_sum, expected, atol=1e-4, rtol=0)
-    with torch.no_grad():  # the packed rows against one row per sequence, both sharded
-        alone = torch.cat([sequence_logprobs(model, collate([s], 0))[0] for s in _sequences()])
-    assert torch.allclose(logp_sum, alone, atol=1e-4, rtol=0)  # other groupings of float32 sums (test_logprobs)
+    assert torch.allclose(logp_sum, alone, atol=1e-4, rtol=0)
     # Gradients: gather each parameter's shards as export does, compare in HF names.
     logp_sum.sum().backward()
     expected.sum().backward()
@@ -126,12 +132,15 @@ def _pipeline_parallel_checks(hf_model):
     model = build_gpt_model(cfg, pre_process=parallel_state.is_pipeline_first_stage(), post_process=last)
     hf_convert.load_hf_into_model(model, cfg, hf_model.state_dict())
     assert len(model.decoder.layers) == 1
-    packed = collate(_sequences(), 0)
+    model.config.variable_seq_lengths = True  # the micro-batches differ in shape (as MegatronPolicy sets it)
+    # Two micro-batches by segments, two with masked rows: every stage has the segments or the
+    # mask, and the positions, of the micro-batch it runs.
+    packed = [collate(_sequences(), 0, segments=by_segments) for by_segments in (True, False, True, False)]
     seen = []
 
     def forward_step(data_iterator, model):
-        batch = next(data_iterator)  # every stage has the mask and the positions
-        hidden = decoder_hidden_states(model, batch.tokens, batch.position_ids, batch.attention_mask)
+        batch = next(data_iterator)
+        hidden = decoder_hidden_states(model, batch.tokens, batch.position_ids, batch.attention_mask, batch.segments)
         if not last:
             return hidden, None
         logp_sum, _ = response_logprobs(model, hidden, batch)
@@ -139,8 +148,8 @@ def _pipeline_parallel_checks(hf_model):
         return logp_sum, lambda out: (-out.sum(), {"logp": out.detach()})
 
     get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter([packed] * 4), model=[model],
-        num_microbatches=4, seq_length=packed.tokens.size(1), micro_batch_size=packed.tokens.size(0), forward_only=False,
+        forward_step_func=forward_step, data_iterator=iter(packed), model=[model],
+        num_microbatches=4, seq_length=1, micro_batch_size=1, forward_only=False,
     )
     if last:
         expected = _hand_logprobs(hf_model, _sequences()).detach()
