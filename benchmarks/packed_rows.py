@@ -1,7 +1,7 @@
 """The prompt computed once for the responses that share it (issue 10): packed rows against one
 row per sequence, on the tiny_cpu model and the toy task's real sequences, one process.
 
-    OMP_NUM_THREADS=1 python benchmarks/packed_rows.py [--reps 7] [--rounds 3] [--threads 1] [--letters 64 80]
+    OMP_NUM_THREADS=1 python benchmarks/packed_rows.py [--reps 7] [--rounds 3] [--threads 1] [--letters 64 80] [--ops]
 
 Separate rows are the layout before packing: each (prompt, response) right-padded in its own row,
 causal attention with no mask. Packed rows are data.batching.collate's: a prompt group
@@ -30,7 +30,8 @@ toy_task.sft_responses standing in for the policy's online samples); `--letters 
 
 Runs every variant once in turn, rounds x reps times, and prints the medians of wall time and of
 CPU time (one thread: CPU time leaves out the spells another process held the core), and the
-largest difference of the per-sequence log-prob sums between the layouts.
+largest difference of the per-sequence log-prob sums between the layouts. --ops: the seconds per
+aten op of the train step, masked rows against segments (a dispatch-mode timer around each op).
 """
 import argparse
 import random
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--letters", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
                         help="letters per prompt (default: the task's own)")
+    parser.add_argument("--ops", action="store_true", help="also where a train step's time goes, per aten op")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -133,7 +135,7 @@ def main() -> None:
         "fwd+bwd 16 x 2": {"separate rows": fwd_bwd(separate_rows(x2, 0)),
                            "separate rows, causal mask": fwd_bwd(separate_rows(x2, 0, causal_mask=True)),
                            **{layout: fwd_bwd(pack(x2, layout)) for layout in PACKED}},
-        "train step (16 items)": {"separate rows": step("rows"), **{layout: step(layout) for layout in PACKED}},
+        "train step (16 items)": {"separate rows": step("separate rows"), **{layout: step(layout) for layout in PACKED}},
         "scoring pass (512 pairs)": {"separate rows": scoring("rows"), "packed rows": scoring("packed")},
     }
     # Round-robin, one call of each variant in turn, so a busy spell of the machine hits all alike;
@@ -167,6 +169,13 @@ def main() -> None:
             print(f"{what:<26} {layout:<33} {shape:>6} {tokens:>6} {w * 1e3:>8.1f} {base_wall / w:>7.2f}x "
                   f"{c * 1e3:>7.1f} {base_cpu / c:>7.2f}x")
 
+    if args.ops:
+        print("\nwhere one train step's time goes, per aten op (seconds inside each call, summed over 3 steps / 3):")
+        for layout in ("masked rows, least work", "one row by segments"):
+            seconds, total = op_seconds(variants["train step (16 items)"][layout])
+            top = sorted(seconds.items(), key=lambda kv: -kv[1])[:8]
+            print(f"  {layout}: {total * 1e3:.1f} ms a step; " + ", ".join(f"{op} {t * 1e3:.1f}" for op, t in top))
+
     policy.model.eval()
     with torch.no_grad():
         diffs = [(sequence_logprobs(model, collate(seqs, 0, segments=by_segments))[0]
@@ -175,6 +184,28 @@ def main() -> None:
         scored = (policy.score(off_c + off_r)[0] - torch.cat([policy.score(off_c)[0], policy.score(off_r)[0]]))
     print(f"\nmax |packed - separate| of the log-prob sums: fwd {max(diffs):.2e}, "
           f"scoring {scored.abs().max().item():.2e}")
+
+
+def op_seconds(fn, steps: int = 3) -> tuple[dict[str, float], float]:
+    """Seconds per aten op (the time inside each call, timed by a dispatch mode, so autograd's
+    backward ops are caught too) and the wall seconds, each per call of fn, over `steps` calls."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seconds: dict[str, float] = {}
+
+    class Timed(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            started = time.perf_counter()
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            seconds[name] = seconds.get(name, 0.0) + (time.perf_counter() - started) / steps
+            return out
+
+    started = time.perf_counter()
+    with Timed():
+        for _ in range(steps):
+            fn()
+    return seconds, (time.perf_counter() - started) / steps
 
 
 def separate_rows(sequences, pad_id: int, causal_mask: bool = False):

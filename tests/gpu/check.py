@@ -115,6 +115,7 @@ def part_dpo(smoke: bool) -> dict:
     from metaapo_nemo.algorithm.objectives import Objective, PairLogps
     from metaapo_nemo.data.batching import collate
     from metaapo_nemo.distributed import init_distributed
+    from metaapo_nemo.models.logprobs import sequence_logprobs
     from metaapo_nemo.models.policy import MegatronPolicy, OptimConfig
 
     size = DPO_SIZES["smoke" if smoke else "gpu"]
@@ -180,6 +181,12 @@ def part_dpo(smoke: bool) -> dict:
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
     peak_memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     final_loss = stats["loss"] / size["pairs_per_step"]
+    # The two layouts of shared-prompt batches on this device: one row by segments (collate's
+    # choice here) against masked rows, the same sequences; bf16, so compare with the scale.
+    policy.model.eval()
+    with torch.no_grad():
+        pairs = chosen[:4] + rejected[:4]
+        by_segments, masked = (sequence_logprobs(policy.model, collate(pairs, 0, segments=s))[0] for s in (True, False))
     del policy
     scale_features = _scale_features(make_batch, loss_fn, size) if cuda else {}
     return {
@@ -194,6 +201,8 @@ def part_dpo(smoke: bool) -> dict:
         "dpo_peak_memory_gib": round(peak_memory, 2) if cuda else None,
         "dpo_precision": precision,
         "dpo_final_loss": final_loss,
+        "dpo_segments_vs_mask_max_abs": (by_segments - masked).abs().max().item(),
+        "dpo_logp_max_abs": masked.abs().max().item(),
         **scale_features,
     }
 
