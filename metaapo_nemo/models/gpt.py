@@ -66,6 +66,13 @@ class SDPACoreAttention(MegatronModule):
         attention_bias: Optional[Tensor] = None,
         packed_seq_params=None,
     ) -> Tensor:
+        if query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16):
+            # torch's CPU flash kernel runs half precision 5-14x slower than fp32 at these sizes,
+            # its backward above all (benchmarks/README.md, "bf16 on the CPU"): attend in fp32.
+            # q, k and v are a small share of a layer's activations; the cast back keeps the
+            # module's output dtype.
+            return self.forward(query.float(), key.float(), value.float(), attention_mask, attn_mask_type,
+                                attention_bias, packed_seq_params).to(query.dtype)
         if isinstance(packed_seq_params, SegmentedAttention) and attention_bias is None:
             return self._by_segments(query, key, value, packed_seq_params.segments)
         if packed_seq_params is not None or attention_bias is not None:

@@ -32,7 +32,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer import optimizer as megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from metaapo_nemo.data.batching import SequenceBatch, collate, group_by_prompt
+from metaapo_nemo.data.batching import SequenceBatch, collate, group_by_prompt, pad_columns
 from metaapo_nemo.distributed import (
     all_gather_objects, all_reduce_sum, data_parallel_rank, data_parallel_size, is_loss_rank,
 )
@@ -68,6 +68,10 @@ def _summed_over_ranks(stats: dict[str, float], loss: float) -> tuple[dict[str, 
     return total, sum(part_loss for _, part_loss in parts)
 
 
+# Columns a bf16 batch on the CPU is padded to a multiple of (benchmarks/README.md, "bf16 on the CPU").
+COLUMN_MULTIPLE = 32
+
+
 class MegatronPolicy:
     def __init__(self, cfg: ModelConfig, hf_state_dict, *, pad_id: int, optim: OptimConfig | None = None,
                  precision: str = "fp32", distributed_optimizer: bool = False,
@@ -87,6 +91,9 @@ class MegatronPolicy:
                                      recompute_granularity=recompute_granularity, recompute_method=recompute_method,
                                      recompute_num_layers=recompute_num_layers)
         self.model.config.variable_seq_lengths = True  # micro-batches differ in length: stages exchange shapes
+        # bf16 matrix products on the CPU are built per shape on first use: widths padded to a
+        # multiple of COLUMN_MULTIPLE keep a run to a few shapes (data.batching.pad_columns).
+        self.column_multiple = COLUMN_MULTIPLE if dtype == torch.bfloat16 and not next(self.model.parameters()).is_cuda else 1
         if hf_state_dict is not None:  # None: megatron's own random initialisation
             load_hf_into_model(self.model, cfg, hf_state_dict)
         self.steps_since_reset = 0
@@ -120,7 +127,7 @@ class MegatronPolicy:
         """This stage's part of log pi(y|x): hidden states to pass on, or (logp_sum, ntok) on the last
         stage, returned on the CPU where the losses and the cached reference log-probs live. Every
         stage builds the same batch, so each has the mask and positions its layers need."""
-        batch = batch.to(next(self.model.parameters()).device)
+        batch = pad_columns(batch, self.column_multiple).to(next(self.model.parameters()).device)
         hidden = decoder_hidden_states(model, batch.tokens, batch.position_ids, batch.attention_mask, batch.segments)
         if not ps.is_pipeline_last_stage():
             return hidden, None

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from metaapo_nemo.data.batching import collate
+from metaapo_nemo.data.batching import collate, pad_columns
 from metaapo_nemo.distributed import init_distributed
 from metaapo_nemo.models import hf_convert
 from metaapo_nemo.models.gpt import build_gpt_model
@@ -166,6 +166,28 @@ def test_a_prompt_with_one_response_keeps_its_logprobs_in_a_packed_batch(pair, l
         assert (mixed.attention_mask is not None) == (layout == "mask") and mixed.tokens.size(1) > len(prompt + response)
         packed, _ = sequence_logprobs(model, mixed)
     assert torch.allclose(packed[0], alone[0], atol=PACKED_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["one per row", *LAYOUTS])
+def test_padded_columns_change_neither_logprobs_nor_gradients(pair, layout):
+    """pad_columns (bf16 batches on the CPU): 13 more columns, the same values."""
+    _, model, _ = pair
+    sequences = _sequences() if layout == "one per row" else _shared_prompt_sequences()
+    batch = collate(sequences, pad_id=0, **LAYOUTS.get(layout, {}))
+    wide = pad_columns(batch, batch.tokens.size(1) + 13)
+    assert wide.tokens.size(1) == batch.tokens.size(1) + 13 and pad_columns(wide, 1) is wide
+    weights = torch.linspace(-1.5, 2.0, len(sequences))
+
+    def run(b):
+        model.zero_grad()
+        logp = sequence_logprobs(model, b)[0]
+        (weights * logp).sum().backward()
+        return logp.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+    (logp, grads), (wide_logp, wide_grads) = run(batch), run(wide)
+    assert torch.allclose(wide_logp, logp, atol=PACKED_ATOL, rtol=0)
+    for name, grad in grads.items():
+        scale = max(1.0, float(grad.abs().max()))
+        assert float((wide_grads[name] - grad).abs().max()) <= 1e-5 * scale, name
 
 
 def test_greedy_decode_matches_transformers_generate(pair):
