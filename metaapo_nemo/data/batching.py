@@ -189,7 +189,6 @@ def pad_columns(batch: SequenceBatch, multiple: int) -> SequenceBatch:
     if extra == 0:
         return batch
     wider = width + extra
-    grow = lambda t: torch.nn.functional.pad(t, (0, extra))  # noqa: E731
     mask = batch.attention_mask
     if mask is not None:
         padded = torch.ones(rows, 1, wider, wider, dtype=torch.bool)
@@ -200,7 +199,8 @@ def pad_columns(batch: SequenceBatch, multiple: int) -> SequenceBatch:
     segments = batch.segments
     if segments is not None:  # flat index s * rows + b: the new columns come last
         segments = replace(segments, out_index=torch.nn.functional.pad(segments.out_index, (0, extra * rows)))
-    return replace(batch, tokens=grow(batch.tokens), position_ids=grow(batch.position_ids), attention_mask=mask,
+    return replace(batch, tokens=torch.nn.functional.pad(batch.tokens, (0, extra)),
+                   position_ids=torch.nn.functional.pad(batch.position_ids, (0, extra)), attention_mask=mask,
                    segments=segments)
 
 
