@@ -5,19 +5,12 @@ from __future__ import annotations
 import datetime
 import math
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 
 from metaapo_nemo.models import cpu_compat  # first: it quiets megatron's import-time warnings
 from megatron.core import parallel_state  # noqa: I001
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _accelerator = "auto"
@@ -42,10 +35,8 @@ def _start_process_group(timeout_s: float) -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend, timeout=timeout)  # torchrun's env:// rendezvous
         return
-    # No launcher: a world of one, on a port nobody else holds.
-    dist.init_process_group(
-        backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=timeout
-    )
+    # No launcher: a world of one, its store in this process (no port to pick, none to lose to a race).
+    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 
 
 def _parallel_sizes() -> tuple[int, int]:

@@ -27,7 +27,7 @@ def free_port() -> int:
 
 
 def run_ranks(nproc: int, *args: str, timeout: int = 300):
-    """`python -m torch.distributed.run --nproc-per-node NPROC *args` on a free local port, one torch
+    """`python -m torch.distributed.run --standalone --nproc-per-node NPROC *args`, one torch
     thread per rank, the repository on the path; fails the test with the output's tail."""
     import os
     import subprocess
@@ -35,8 +35,9 @@ def run_ranks(nproc: int, *args: str, timeout: int = 300):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *args]
+    # --standalone: torchrun's own store binds port 0 itself, so no port is picked here and then
+    # lost to another process before torchrun binds it (free_port's race).
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=root,
                           env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import SHRUNK_TINY_CPU, free_port, run_ranks
+from tests.helpers import SHRUNK_TINY_CPU, run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS, MICRO_BATCH = 8, 2
@@ -78,8 +78,7 @@ def test_a_run_stopped_on_two_ranks_resumes_on_one_rank_and_finishes(tmp_path, l
     out, cache = tmp_path / "out", tmp_path / "cache"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "COLUMNS": "200"}  # one log line a line
     with open(tmp_path / "two_ranks.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                                 "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                                  *_run_args(out, cache, *extra)],
                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
         latest, deadline = out / "checkpoints" / "latest", time.time() + 600

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from metaapo_nemo import stopping
-from tests.helpers import SHRUNK_TINY_CPU, free_port
+from tests.helpers import SHRUNK_TINY_CPU
 
 ROOT = Path(__file__).resolve().parents[2]
 NEMO = Path(sys.executable).with_name("nemo")
@@ -205,9 +205,8 @@ def test_ctrl_c_to_nemo_on_local_torchrun_stops_every_rank_and_the_reward_server
 
 
 def test_sigterm_to_torchrun_stops_every_rank_and_the_reward_server(tmp_path, cache, started):
-    run = started([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                   "127.0.0.1", "--master-port", str(free_port()), "-m", "metaapo_nemo", "run",
-                   *_tiny_cpu(tmp_path, cache)])
+    run = started([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                   "-m", "metaapo_nemo", "run", *_tiny_cpu(tmp_path, cache)])
     output = _assert_stops(run, lambda: run.proc.send_signal(signal.SIGTERM))
     assert output.count("stopped by SIGTERM") == 1  # rank 0 says it; rank 1 stops as quietly
 
@@ -238,9 +237,9 @@ def test_the_checkpoint_signal_to_one_rank_checkpoints_every_rank_at_a_step_and_
     import re
 
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-               "--master-port", str(free_port()), "-m", "metaapo_nemo", "run", "--recipe", "tiny_cpu",
-               f"output_dir={out}", f"task.cache_dir={cache}", *SHRUNK_TINY_CPU, "algo.iterations=1",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "metaapo_nemo", "run", "--recipe", "tiny_cpu", f"output_dir={out}", f"task.cache_dir={cache}",
+               *SHRUNK_TINY_CPU, "algo.iterations=1",
                "trainer.epochs_per_iteration=25", "trainer.checkpoint_signal=SIGUSR1"]
     run = started(command)
     deadline = time.monotonic() + 600
