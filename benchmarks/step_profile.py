@@ -1,0 +1,80 @@
+"""Where one offline DPO train step of benchmarks/vs_trl.py's phase (a) spends its time, by function.
+
+    OMP_NUM_THREADS=1 python benchmarks/step_profile.py [--steps 32]
+
+Builds vs_trl.py's task and our fp32 policy and reference, computes the reference log-probs, runs
+`--steps` train steps untimed (one-time costs), then `--steps` more under cProfile and prints
+milliseconds per step (cumulative, cProfile's overhead included, so the Python-heavy parts read
+high) for the step, its forward and backward, the optimizer, the matrix products of each pass and
+the parts of a decoder layer's forward (megatron-core's functions and ours), per layer.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import vs_trl  # noqa: E402
+
+# (label, file suffix, function name, per): per "step" divides by the steps, "layer" by steps x layers.
+ROWS = [
+    ("train step", "metaapo_nemo/models/policy.py", "train_step", "step"),
+    ("  forward", "metaapo_nemo/models/policy.py", "forward_step", "step"),
+    ("    matrix products (torch.matmul)", "~", "<built-in method torch.matmul>", "step"),
+    ("  backward", "pipeline_parallel/schedules.py", "backward_step", "step"),
+    ("    matrix products (Tensor.matmul)", "~", "<method 'matmul' of 'torch._C.TensorBase' objects>", "step"),
+    ("  grad clip + AdamW", "metaapo_nemo/models/policy.py", "_clip_and_step", "step"),
+    ("layer forward: attention block", "transformer/transformer_layer.py", "_forward_attention", "layer"),
+    ("  q, k, v split", "transformer/attention.py", "get_query_key_value_tensors", "layer"),
+    ("  rotary (q and k)", "embeddings/rope_utils.py", "_apply_rotary_pos_emb_bshd", "layer"),
+    ("  core attention by segments", "metaapo_nemo/models/gpt.py", "_by_segments", "layer"),
+    ("layer forward: MLP block", "transformer/transformer_layer.py", "_forward_mlp", "layer"),
+    ("  SwiGLU", "transformer/mlp.py", "glu", "layer"),
+]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=32, help="train steps of 16 pairs, untimed, then profiled")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    from metaapo_nemo.data.batching import encode_prompt, encode_response
+    from metaapo_nemo.distributed import init_distributed
+
+    init_distributed()
+    batch = 16
+    task = vs_trl.Task(vs_trl.Sizes(pairs=2 * args.steps * batch, batch=batch, prompts=1, max_new_tokens=1))
+    tok = task.tokenizer
+    policy, reference = vs_trl._megatron_models(task, "fp32")
+    prompts = [encode_prompt(tok, p["prompt"]) for p in task.pairs]
+    chosen = [(q, encode_response(tok, p["chosen"])) for q, p in zip(prompts, task.pairs)]
+    rejected = [(q, encode_response(tok, p["rejected"])) for q, p in zip(prompts, task.pairs)]
+    n, half = len(chosen), len(chosen) // 2
+    ref = reference.score(chosen + rejected, batch_size=2 * batch)[0]
+
+    def epoch(lo: int, hi: int) -> None:
+        vs_trl._train_epoch(policy, chosen[lo:hi], rejected[lo:hi], ref[lo:hi], ref[n + lo:n + hi], batch,
+                            tok.pad_token_id, task.cfg.attention_width)
+
+    epoch(0, half)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    epoch(half, n)
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, primitive calls, tottime, cumtime, callers)
+    out = {}
+    for label, suffix, name, per in ROWS:
+        seconds = sum(v[3] for (file, _, fn), v in stats.items() if fn == name and file.endswith(suffix))
+        out[label.strip()] = 1000 * seconds / args.steps / (task.cfg.num_layers if per == "layer" else 1)
+        print(f"{label:<40} {out[label.strip()]:8.2f} ms per {per}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
