@@ -39,12 +39,16 @@ initialisation) for both. Ratios are ours over TRL's speed, i.e. TRL's median se
     generates for `batch` prompts (HF generate, KV cache on since gradient checkpointing is off),
     scores them, runs the policy and the reference on the completions and steps.
     ratio_online_iteration.
+(d) one online iteration, each side's best setting: ours fp32 (c) or bf16 (the policy and reference
+    in Megatron bf16, the torch engine in fp32 as the pipeline runs it on the CPU), whichever has
+    the lower median; TRL's (c) or OnlineDPOConfig's defaults (bf16 autocast, gradient
+    checkpointing), whichever has the lower median. ratio_online_best.
 
 Prints the per-repeat seconds and medians as a table (with the median CPU seconds of this process
 beside them: on a busy machine wall time also holds the waits for a core, CPU time does not),
-where the time goes, and as its last line a JSON object: the three ratios, each side's median
+where the time goes, and as its last line a JSON object: the four ratios, each side's median
 seconds, the settings each side actually ran with, the counts that must agree (pairs, tokens and
-steps of (a) and (b); generated sequences, pairs and steps of (c)), the versions of torch,
+steps of (a) and (b); generated sequences, pairs and steps of (c) and (d)), the versions of torch,
 transformers and trl.
 """
 from __future__ import annotations
@@ -190,14 +194,14 @@ def ours_offline(task: Task, precision: str) -> Run:
                {"precision": precision})
 
 
-def ours_online(task: Task) -> Run:
+def ours_online(task: Task, precision: str = "fp32") -> Run:
     from metaapo_nemo.algorithm.pairs import build_online_pair
     from metaapo_nemo.data.batching import encode_prompt
     from metaapo_nemo.rollout.engine import SamplingParams, build_engine
 
     s, tok = task.sizes, task.tokenizer
     started = time.perf_counter()
-    policy, reference = _megatron_models(task, "fp32")
+    policy, reference = _megatron_models(task, precision)  # the engine in fp32 on the CPU, as the pipeline runs it
     prompts = [encode_prompt(tok, p) for p in task.prompts]
     engine = build_engine("torch", task.cfg, tok, max_prompt_length=max(map(len, prompts)),
                           max_new_tokens=s.max_new_tokens)
@@ -225,7 +229,7 @@ def ours_online(task: Task) -> Run:
                {"sequences": sum(len(rs) for rs in samples), "pairs": n, "steps": steps,
                 "generated_tokens": engine.stats.new_tokens},
                {"setup": built - started, "generation": generated - built, "reward": annotated - generated,
-                "reference": scored - annotated, "training": done - scored}, {"precision": "fp32"})
+                "reference": scored - annotated, "training": done - scored}, {"precision": precision})
 
 
 # ---------------------------------------------------------------- TRL
@@ -289,7 +293,9 @@ def trl_offline(task: Task, defaults: bool) -> Run:
                _trl_settings(trainer))
 
 
-def trl_online(task: Task) -> Run:
+def trl_online(task: Task, defaults: bool = False) -> Run:
+    """defaults=False: (c), fp32, no gradient checkpointing; True: (d), OnlineDPOConfig's defaults
+    (bf16 autocast and gradient checkpointing where they are its defaults)."""
     from datasets import Dataset
     from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
@@ -313,8 +319,9 @@ def trl_online(task: Task) -> Run:
     bos = task.tokenizer.bos_token
     with tempfile.TemporaryDirectory() as out, _quiet():
         started = time.perf_counter()
-        config = OnlineDPOConfig(**_trl_common(out, s.batch), beta=BETA, bf16=False, gradient_checkpointing=False,
-                                 max_new_tokens=s.max_new_tokens, temperature=TEMPERATURE)
+        precision = {} if defaults else dict(bf16=False, gradient_checkpointing=False)
+        config = OnlineDPOConfig(**_trl_common(out, s.batch), beta=BETA, max_new_tokens=s.max_new_tokens,
+                                 temperature=TEMPERATURE, **precision)
         trainer = Counted(model=copy.deepcopy(task.hf), reward_funcs=reward, args=config,
                           train_dataset=Dataset.from_list([{"prompt": bos + p} for p in task.prompts]),
                           processing_class=task.tokenizer)
@@ -345,6 +352,8 @@ PHASES = (  # (phase, side, what it runs)
     ("b", "TRL defaults", lambda t: trl_offline(t, defaults=True)),
     ("c", "ours online iteration", ours_online),
     ("c", "TRL OnlineDPOTrainer", trl_online),
+    ("d", "ours online iteration bf16", lambda t: ours_online(t, "bf16")),
+    ("d", "TRL OnlineDPOTrainer defaults", lambda t: trl_online(t, defaults=True)),
 )
 
 
@@ -381,40 +390,46 @@ def main(argv: list[str] | None = None) -> dict:
     for r in range(repeats):
         for phase, side, run in PHASES:
             runs[side].append(timed(run, task))
-            print(f"  round {r + 1} ({phase}) {side:<28} {runs[side][-1].seconds:8.2f} s", flush=True)
+            print(f"  round {r + 1} ({phase}) {side:<30} {runs[side][-1].seconds:8.2f} s", flush=True)
     median = {side: statistics.median(x.seconds for x in rs) for side, rs in runs.items()}
     cpu = {side: statistics.median(x.cpu_seconds for x in rs) for side, rs in runs.items()}
     counts = {side: rs[0].counts for side, rs in runs.items()}
 
-    (a_ours, a_trl), (b_bf16, b_trl), (c_ours, c_trl) = (
-        [side for p, side, _ in PHASES if p == phase] for phase in "abc")
+    (a_ours, a_trl), (b_bf16, b_trl), (c_ours, c_trl), (d_ours, d_trl) = (
+        [side for p, side, _ in PHASES if p == phase] for phase in "abcd")
     best = min((a_ours, b_bf16), key=median.get)
+    online_ours, online_trl = min((c_ours, d_ours), key=median.get), min((c_trl, d_trl), key=median.get)
     tokens_per_s = {side: counts[side]["tokens"] / median[side] for side in (a_ours, a_trl)}
     print(f"\n{args.threads} torch thread(s); {sizes.pairs} offline pairs, batch {sizes.batch}; online: "
           f"{sizes.prompts} prompts x {SAMPLES} samples, {sizes.max_new_tokens} new tokens at most")
-    print(f"{'phase':<6} {'side':<28} " + " ".join(f"{'run ' + str(i + 1):>8}" for i in range(repeats))
+    print(f"{'phase':<6} {'side':<30} " + " ".join(f"{'run ' + str(i + 1):>8}" for i in range(repeats))
           + f" {'median s':>9} {'cpu s':>6} {'tokens/s':>9}")
     for phase, side, _ in PHASES:
         per_token = f"{counts[side]['tokens'] / median[side]:9.0f}" if "tokens" in counts[side] else f"{'':>9}"
-        print(f"{phase:<6} {side:<28} " + " ".join(f"{x.seconds:8.2f}" for x in runs[side])
+        print(f"{phase:<6} {side:<30} " + " ".join(f"{x.seconds:8.2f}" for x in runs[side])
               + f" {median[side]:9.2f} {cpu[side]:6.2f} {per_token}")
     print("\nwhere the time goes (seconds, last round):")
     for _, side, _ in PHASES:
-        print(f"  {side:<28} " + ", ".join(f"{k} {v:.2f}" for k, v in runs[side][-1].parts.items()))
+        print(f"  {side:<30} " + ", ".join(f"{k} {v:.2f}" for k, v in runs[side][-1].parts.items()))
     result = {
         "ratio_dpo_tokens_per_s": tokens_per_s[a_ours] / tokens_per_s[a_trl],
         "ratio_dpo_best": median[b_trl] / median[best],
         "ratio_online_iteration": median[c_trl] / median[c_ours],
+        "ratio_online_best": median[online_trl] / median[online_ours],
         "seconds": {"dpo_equal": {"ours": median[a_ours], "trl": median[a_trl]},
                     "dpo_best": {"ours": median[best], "trl": median[b_trl], "ours_fp32": median[a_ours],
                                  "ours_bf16": median[b_bf16], "ours_setting": "bf16" if best == b_bf16 else "fp32"},
-                    "online_iteration": {"ours": median[c_ours], "trl": median[c_trl]}},
+                    "online_iteration": {"ours": median[c_ours], "trl": median[c_trl]},
+                    "online_best": {"ours": median[online_ours], "trl": median[online_trl],
+                                    "ours_setting": runs[online_ours][0].settings["precision"],
+                                    "trl_setting": runs[online_trl][0].settings["precision"]}},
         "cpu_seconds": cpu,
         "settings": {side: rs[0].settings for side, rs in runs.items()},
         "dpo_tokens_per_s": {"ours": tokens_per_s[a_ours], "trl": tokens_per_s[a_trl]},
         "dpo_equal_counts": {"ours": counts[a_ours], "trl": counts[a_trl]},
         "dpo_best_counts": {"ours": counts[best], "trl": counts[b_trl]},
         "online_counts": {"ours": counts[c_ours], "trl": counts[c_trl]},
+        "online_best_counts": {"ours": counts[online_ours], "trl": counts[online_trl]},
         "threads": args.threads, "repeats": repeats, "sizes": vars(sizes),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
     }
