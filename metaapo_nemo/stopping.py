@@ -14,7 +14,7 @@ EXIT_REQUEUE = 75  # exit status after a checkpoint requested by the checkpoint 
 CHECKPOINT_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM")
 
 _checkpoint = threading.Event()
-_stopping = False
+_stopped_by: int | None = None  # the stop signal that arrived, if one did
 _installed_in: int | None = None  # the pid that installed the handlers; forked children inherit them
 
 
@@ -46,6 +46,15 @@ def install(checkpoint_signal: str | None = None) -> None:
         signal.signal(signal.Signals[checkpoint_signal], _request_checkpoint)
 
 
+def raise_if_stopped() -> None:
+    """Raise RunStopped again if a stop signal arrived and its exception was lost. Python drops an
+    exception raised while it runs a finaliser (a __del__, a weakref callback, a generator the
+    garbage collector closes) with an "Exception ignored" line, and the handler runs wherever the
+    main thread is: the loop calls this at every step so that such a stop still stops."""
+    if _stopped_by is not None:
+        raise RunStopped(_stopped_by)
+
+
 def checkpoint_requested() -> bool:
     return _checkpoint.is_set()
 
@@ -60,14 +69,14 @@ def exit_status(exc: BaseException) -> int:
 
 
 def _stop(signum, frame) -> None:
-    global _stopping
+    global _stopped_by
     if os.getpid() != _installed_in:
         # A process forked from a rank (megatron's checkpoint writers) gets the job's SIGTERM too:
         # it must end now, not run the rank's cleanup, which belongs to the rank.
         os._exit(128 + signum)
-    if _stopping:  # the user asked twice: cleanup is hanging or too slow for them
+    if _stopped_by is not None:  # the user asked twice: cleanup is hanging or too slow for them
         os._exit(128 + signum)
-    _stopping = True
+    _stopped_by = signum
     raise RunStopped(signum)
 
 

@@ -463,6 +463,7 @@ class MetaAPORun:
 
     def _iteration(self, t: int, resume: IterationState | None) -> None:
         c, s = self.config, self.state
+        stopping.raise_if_stopped()
         examples = [self.examples[i] for i in self.slices[t]]
         self.console.log(f"[bold]iteration {t + 1}/{c.algo.iterations}[/bold]: {len(examples)} offline pairs"
                          + (f" (resumed after {resume.steps_done} training steps)" if resume else ""))
@@ -773,6 +774,7 @@ class MetaAPORun:
         with self.console.progress(f"train it{t + 1}", total=len(batches) - it.steps_done, every=every) as advance:
             for k in range(it.steps_done, len(batches)):
                 pending_meta.clear()
+                stopping.raise_if_stopped()
                 st = self.policy.train_step([items[i] for i in batches[k]], make_batch, loss_fn, mbs)
                 it.steps_done = k + 1
                 s.seconds["training"] += st["seconds"]

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from metaapo_nemo import stopping
 from metaapo_nemo.algorithm.objectives import Objective, PairLogps
 from metaapo_nemo.config import EMBEDDED_REWARD_FN, EmbeddedTaskConfig
 from metaapo_nemo.data import toy_task
@@ -208,6 +209,7 @@ def _sft_model(task, cfg, tokenizer, sft_prompts, seed, sft_root, console) -> di
 
     with console.progress("SFT", total=task.sft_steps) as advance:
         for step in range(task.sft_steps):
+            stopping.raise_if_stopped()
             seqs = rng.sample(sequences, task.sft_batch_size)
             stats = policy.train_step(seqs, lambda s: collate(s, tokenizer.pad_token_id), sft_loss,
                                       micro_batch_size=task.sft_batch_size)
@@ -315,6 +317,7 @@ def _dpo_warmup(task, cfg, sft_weights, tokenizer, pairs, seed, console) -> Mega
 
     with console.progress("DPO warm-up", total=task.warmup_dpo_steps) as advance:
         for _ in range(task.warmup_dpo_steps):
+            stopping.raise_if_stopped()
             idx = rng.sample(range(len(pairs)), batch_size)
             stats = policy.train_step(idx, make_batch, dpo_loss, micro_batch_size=batch_size)
             advance(f"loss {stats['loss'] / batch_size:.3f}")

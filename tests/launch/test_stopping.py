@@ -85,6 +85,39 @@ def test_with_sigterm_as_the_checkpoint_signal_sigint_still_stops():
     assert out == f"RunStopped {signal.SIGINT}\n" and proc.returncode == 130
 
 
+# A stop signal whose handler runs inside a finaliser: Python drops the RunStopped raised there with
+# an "Exception ignored" line, and the loop must still stop at its next step.
+LOST_IN_A_FINALISER = """
+import os, signal, sys, time
+from metaapo_nemo import stopping
+
+class Finalised:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)  # the handler runs here, before __del__ returns
+        sum(range(1000))
+
+stopping.install(None)
+try:
+    del_me = Finalised()
+    del del_me
+    print("the exception was lost", flush=True)
+    for step in range(500):
+        stopping.raise_if_stopped()
+        time.sleep(0.01)
+    print("not stopped", flush=True)
+except stopping.RunStopped as e:
+    print(f"RunStopped {e.signum}", flush=True)
+    raise SystemExit(stopping.exit_status(e))
+"""
+
+
+def test_a_stop_whose_exception_a_finaliser_swallowed_still_stops_the_loop_at_its_next_step():
+    proc = subprocess.run([sys.executable, "-c", LOST_IN_A_FINALISER], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert "Exception ignored" in proc.stderr and "RunStopped" in proc.stderr  # lost, as Python does
+    assert proc.stdout == f"the exception was lost\nRunStopped {signal.SIGINT}\n" and proc.returncode == 130
+
+
 def test_install_refuses_an_unknown_checkpoint_signal():
     with pytest.raises(ValueError, match="SIGHUP"):
         stopping.install("SIGHUP")
