@@ -1,7 +1,8 @@
 """What a rank does when a signal arrives: a user's Ctrl-C (SIGINT) or a scheduler's SIGTERM stops
 the run, cleanup included (the local reward server, open files); the checkpoint signal, when one is
 set (trainer.checkpoint_signal, e.g. Slurm's --signal=USR1@300), only asks the loop to checkpoint at
-its next optimiser-step boundary and exit with EXIT_REQUEUE.
+its next optimiser-step boundary and exit with EXIT_REQUEUE. A stopped rank ends within
+STOP_GRACE_S of the signal, however its cleanup goes.
 
 torchrun forwards SIGINT and SIGTERM to every rank's process group, so each rank stops on its own;
 the launcher (launch/executors.py) forwards a terminal's Ctrl-C to torchrun.
@@ -10,6 +11,7 @@ import os
 import signal
 import threading
 
+STOP_GRACE_S = 20.0  # a rank still alive this long after a stop signal exits with 128 + N (see _stop)
 EXIT_REQUEUE = 75  # exit status after a checkpoint requested by the checkpoint signal (EX_TEMPFAIL: "try again")
 CHECKPOINT_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM")
 
@@ -48,9 +50,9 @@ def install(checkpoint_signal: str | None = None) -> None:
 
 def raise_if_stopped() -> None:
     """Raise RunStopped again if a stop signal arrived and its exception was lost. Python drops an
-    exception raised while it runs a finaliser (a __del__, a weakref callback, a generator the
-    garbage collector closes) with an "Exception ignored" line, and the handler runs wherever the
-    main thread is: the loop calls this at every step so that such a stop still stops."""
+    exception raised inside a fork's callbacks or a finaliser (a __del__, a weakref callback) with
+    an "Exception ignored" line, and the handler runs wherever the main thread is: the loop calls
+    this at every step so that such a stop still ends in an orderly way."""
     if _stopped_by is not None:
         raise RunStopped(_stopped_by)
 
@@ -77,6 +79,14 @@ def _stop(signum, frame) -> None:
     if _stopped_by is not None:  # the user asked twice: cleanup is hanging or too slow for them
         os._exit(128 + signum)
     _stopped_by = signum
+    # The RunStopped below can be lost: Python drops an exception raised inside a fork's callbacks
+    # (logging's lock release, at every subprocess start) or a finaliser. The loop re-raises it at
+    # its next step (raise_if_stopped), but a rank whose peers have stopped may never get there,
+    # waiting in a collective: whatever happens, the process ends STOP_GRACE_S after the signal,
+    # which also bounds a cleanup that hangs (the local reward server's own grace is 10 s).
+    deadline = threading.Timer(STOP_GRACE_S, os._exit, args=(128 + signum,))
+    deadline.daemon = True  # an orderly stop exits without waiting for it
+    deadline.start()
     raise RunStopped(signum)
 
 

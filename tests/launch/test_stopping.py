@@ -118,6 +118,28 @@ def test_a_stop_whose_exception_a_finaliser_swallowed_still_stops_the_loop_at_it
     assert proc.stdout == f"the exception was lost\nRunStopped {signal.SIGINT}\n" and proc.returncode == 130
 
 
+# The same lost stop in a rank that never reaches another step (it waits, as for a peer that left).
+LOST_AND_WAITING = LOST_IN_A_FINALISER.replace(
+    "stopping.install(None)", "stopping.install(None); stopping.STOP_GRACE_S = 2.0").replace(
+    "for step in range(500):", "import threading; threading.Event().wait(60)\n    for step in range(500):")
+
+
+def test_a_rank_that_lost_its_stop_and_waits_forever_still_exits_128_plus_signum_after_the_grace():
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", LOST_AND_WAITING], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert proc.stdout == "the exception was lost\n" and proc.returncode == 128 + signal.SIGINT, proc.stderr
+    assert time.monotonic() - started < 30  # the 2 s grace, and a Python start on a busy machine
+
+
+def test_an_orderly_stop_exits_without_waiting_for_the_grace():
+    proc = _child(None)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM and time.monotonic() - started < stopping.STOP_GRACE_S / 2
+
+
 def test_install_refuses_an_unknown_checkpoint_signal():
     with pytest.raises(ValueError, match="SIGHUP"):
         stopping.install("SIGHUP")
