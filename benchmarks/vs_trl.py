@@ -25,7 +25,7 @@ initialisation) for both. Ratios are ours over TRL's speed, i.e. TRL's median se
     TRL's.
 (b) our fastest setting against TRL's defaults: ours fp32 or bf16 (Megatron mixed precision:
     bf16 weights, fp32 main weights and gradients), whichever has the lower median, reference
-    log-probs precomputed as in (a); TRL's DPOConfig defaults: a reference-model forward in every
+    log-probs precomputed as in (a), in bf16 in batches of BEST_REFERENCE_BATCH sequences; TRL's DPOConfig defaults: a reference-model forward in every
     step (the reference model a copy of the policy), bf16 autocast (its default also on the CPU),
     gradient checkpointing. ratio_dpo_best.
 (c) one online iteration at equal work, fp32 on both: the same prompts, 2 samples per prompt at
@@ -40,8 +40,8 @@ initialisation) for both. Ratios are ours over TRL's speed, i.e. TRL's median se
     scores them, runs the policy and the reference on the completions and steps.
     ratio_online_iteration.
 (d) one online iteration, each side's best setting: ours fp32 (c) or bf16 (the policy and reference
-    in Megatron bf16, the torch engine in fp32 as the pipeline runs it on the CPU), whichever has
-    the lower median; TRL's (c) or OnlineDPOConfig's defaults (bf16 autocast, gradient
+    in Megatron bf16, the reference pass in batches of BEST_REFERENCE_BATCH sequences, the torch
+    engine in fp32 as the pipeline runs it on the CPU), whichever has the lower median; TRL's (c) or OnlineDPOConfig's defaults (bf16 autocast, gradient
     checkpointing), whichever has the lower median. ratio_online_best.
 
 Prints the per-repeat seconds and medians as a table (with the median CPU seconds of this process
@@ -173,7 +173,11 @@ def _train_epoch(policy, chosen: list, rejected: list, ref_c, ref_r, batch: int,
     return len(steps)
 
 
-def ours_offline(task: Task, precision: str) -> Run:
+BEST_REFERENCE_BATCH = 256  # sequences per reference batch in our best settings ((b), (d)): measured fastest in bf16
+
+
+def ours_offline(task: Task, precision: str, reference_batch: int | None = None) -> Run:
+    """reference_batch: sequences per batch of the reference pass (None: 2 x batch, TRL's own in (a))."""
     from metaapo_nemo.data.batching import encode_prompt, encode_response
 
     b, tok = task.sizes.batch, task.tokenizer
@@ -184,17 +188,18 @@ def ours_offline(task: Task, precision: str) -> Run:
     rejected = [(q, encode_response(tok, p["rejected"])) for q, p in zip(prompts, task.pairs)]
     built = time.perf_counter()
     n = len(chosen)
-    ref = reference.score(chosen + rejected, batch_size=2 * b)[0]
+    reference_batch = reference_batch or 2 * b
+    ref = reference.score(chosen + rejected, batch_size=reference_batch)[0]
     scored = time.perf_counter()
     steps = _train_epoch(policy, chosen, rejected, ref[:n], ref[n:], b, tok.pad_token_id, task.cfg.attention_width)
     done = time.perf_counter()
     tokens = sum(len(q) + len(r) for q, r in chosen + rejected)
     return Run(done - started, {"pairs": n, "tokens": tokens, "steps": steps},
                {"setup": built - started, "reference": scored - built, "training": done - scored},
-               {"precision": precision})
+               {"precision": precision, "reference_batch": reference_batch})
 
 
-def ours_online(task: Task, precision: str = "fp32") -> Run:
+def ours_online(task: Task, precision: str = "fp32", reference_batch: int | None = None) -> Run:
     from metaapo_nemo.algorithm.pairs import build_online_pair
     from metaapo_nemo.data.batching import encode_prompt
     from metaapo_nemo.rollout.engine import SamplingParams, build_engine
@@ -220,7 +225,8 @@ def ours_online(task: Task, precision: str = "fp32") -> Run:
         rejected.append((q, by_text[pair[1]]))
     annotated = time.perf_counter()
     n = len(chosen)
-    ref = reference.score(chosen + rejected, batch_size=2 * s.batch)[0]
+    reference_batch = reference_batch or 2 * s.batch
+    ref = reference.score(chosen + rejected, batch_size=reference_batch)[0]
     scored = time.perf_counter()
     steps = _train_epoch(policy, chosen, rejected, ref[:n], ref[n:], s.batch, tok.pad_token_id,
                          task.cfg.attention_width)
@@ -229,7 +235,8 @@ def ours_online(task: Task, precision: str = "fp32") -> Run:
                {"sequences": sum(len(rs) for rs in samples), "pairs": n, "steps": steps,
                 "generated_tokens": engine.stats.new_tokens},
                {"setup": built - started, "generation": generated - built, "reward": annotated - generated,
-                "reference": scored - annotated, "training": done - scored}, {"precision": precision})
+                "reference": scored - annotated, "training": done - scored},
+               {"precision": precision, "reference_batch": reference_batch})
 
 
 # ---------------------------------------------------------------- TRL
@@ -348,11 +355,11 @@ def timed(run: Callable[[Task], Run], task: Task) -> Run:
 PHASES = (  # (phase, side, what it runs)
     ("a", "ours fp32", lambda t: ours_offline(t, "fp32")),
     ("a", "TRL fp32, precomputed ref", lambda t: trl_offline(t, defaults=False)),
-    ("b", "ours bf16", lambda t: ours_offline(t, "bf16")),
+    ("b", "ours bf16", lambda t: ours_offline(t, "bf16", BEST_REFERENCE_BATCH)),
     ("b", "TRL defaults", lambda t: trl_offline(t, defaults=True)),
     ("c", "ours online iteration", ours_online),
     ("c", "TRL OnlineDPOTrainer", trl_online),
-    ("d", "ours online iteration bf16", lambda t: ours_online(t, "bf16")),
+    ("d", "ours online iteration bf16", lambda t: ours_online(t, "bf16", BEST_REFERENCE_BATCH)),
     ("d", "TRL OnlineDPOTrainer defaults", lambda t: trl_online(t, defaults=True)),
 )
 

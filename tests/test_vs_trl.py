@@ -37,3 +37,6 @@ def test_quick_run_reports_finite_ratios_with_equal_work_on_both_sides():
     settings = result["settings"]
     assert settings["TRL fp32, precomputed ref"] == {"precision": "fp32", "gradient_checkpointing": False}
     assert settings["TRL defaults"] == {"precision": "bf16 autocast", "gradient_checkpointing": True}
+    # (a): our reference pass in TRL's batches (2 x 8 sequences); (b): in our best setting's.
+    assert settings["ours fp32"] == {"precision": "fp32", "reference_batch": 16}
+    assert settings["ours bf16"] == {"precision": "bf16", "reference_batch": 256}
