@@ -1,7 +1,7 @@
 """Where one offline DPO train step of benchmarks/vs_trl.py's phase (a) spends its time, by function.
 
     OMP_NUM_THREADS=1 python benchmarks/step_profile.py [--steps 32]
-    OMP_NUM_THREADS=1 python benchmarks/step_profile.py --against-hf [--rounds 7]
+    OMP_NUM_THREADS=1 python benchmarks/step_profile.py --against-hf [--rounds 7] [--shape 32,31]
 
 Builds vs_trl.py's task and our fp32 policy and reference, computes the reference log-probs, runs
 `--steps` train steps untimed (one-time costs), then `--steps` more under cProfile and prints
@@ -10,8 +10,9 @@ high) for the step, its forward and backward, the optimizer, the matrix products
 the parts of a decoder layer's forward (megatron-core's functions and ours), per layer.
 
 --against-hf: what megatron-core's eager modules cost against transformers' Llama at identical
-work: one forward and backward (of the logits' logsumexp summed) of the same [32, 31] batch of
-token ids, causal, no mask, no shared prompts, full LM head, through our fp32 megatron-core model
+work: one forward and backward (of the logits' logsumexp summed) of the same batch of --shape
+(rows, columns) token ids, causal, no mask, no shared prompts, full LM head, through our fp32
+megatron-core model
 and HF's LlamaForCausalLM holding the same weights (their logits checked equal first); CPU
 milliseconds per call, the two alternating, 10 calls a round, the median over --rounds.
 """
@@ -51,10 +52,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=32, help="train steps of 16 pairs, untimed, then profiled")
     parser.add_argument("--against-hf", action="store_true", help="megatron-core against HF Llama, same batch")
     parser.add_argument("--rounds", type=int, default=7, help="--against-hf: rounds of 10 calls per side")
+    parser.add_argument("--shape", default="32,31", help="--against-hf: the batch's rows,columns")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.against_hf:
-        return against_hf(args.rounds)
+        return against_hf(args.rounds, tuple(int(n) for n in args.shape.split(",")))
     from metaapo_nemo.data.batching import encode_prompt, encode_response
     from metaapo_nemo.distributed import init_distributed
 
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     return out
 
 
-def against_hf(rounds: int) -> dict:
+def against_hf(rounds: int, shape: tuple[int, int]) -> dict:
     import statistics
     import time
 
@@ -97,7 +99,7 @@ def against_hf(rounds: int) -> dict:
     task = vs_trl.Task(vs_trl.SIZES["quick"])
     policy, _ = vs_trl._megatron_models(task, "fp32")
     ours, hf = policy.model.train(), task.hf.train()
-    tokens = torch.randint(3, task.cfg.vocab_size, (32, 31), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(3, task.cfg.vocab_size, shape, generator=torch.Generator().manual_seed(0))
     positions = torch.arange(tokens.size(1)).expand_as(tokens)
     with torch.no_grad():
         diff = (ours(tokens, positions, None) - hf(input_ids=tokens).logits).abs().max().item()
@@ -115,7 +117,7 @@ def against_hf(rounds: int) -> dict:
                 call()
             ms[name].append(100 * (time.process_time() - started))
     out = {name: statistics.median(v) for name, v in ms.items()}
-    print(f"forward + backward of a [32, 31] batch, logits equal to {diff:.1e}, CPU ms per call (median of {rounds}):")
+    print(f"forward + backward of a {list(shape)} batch, logits equal to {diff:.1e}, CPU ms per call (median of {rounds}):")
     for name, v in out.items():
         print(f"  {name:<32} {v:8.2f} ms")
     print(f"  megatron-core / transformers     {out['megatron-core GPTModel'] / out['transformers LlamaForCausalLM']:8.3f}")
