@@ -32,6 +32,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer import optimizer as megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from metaapo_nemo import stopping
 from metaapo_nemo.data.batching import SequenceBatch, collate, group_by_prompt, pad_columns
 from metaapo_nemo.distributed import (
     all_gather_objects, all_reduce_sum, data_parallel_rank, data_parallel_size, is_loss_rank,
@@ -303,6 +304,10 @@ class MegatronPolicy:
         if filesystem_async._results_queue is None:
             filesystem_async._results_queue = queue.Queue()
         dist_checkpointing.save(self.sharded_state_dict(), str(directory))
+        # The save forks its writers, and a stop signal that arrives during a fork raises inside
+        # Python's at-fork callbacks, where the exception is lost: raise it here, where every rank
+        # that took the signal stops together, instead of leaving them for the next step.
+        stopping.raise_if_stopped()
 
     def load_checkpoint(self, directory) -> None:
         """Load what save_checkpoint wrote, resharded to this run's layout. Collective."""

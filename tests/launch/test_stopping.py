@@ -140,6 +140,37 @@ def test_an_orderly_stop_exits_without_waiting_for_the_grace():
     assert proc.returncode == 128 + signal.SIGTERM and time.monotonic() - started < stopping.STOP_GRACE_S / 2
 
 
+# A stop signal that arrives while megatron's checkpoint save forks its writer: the handler runs in
+# Python's at-fork callbacks (stood in for by one that signals this process), where RunStopped is lost.
+LOST_IN_A_CHECKPOINT_FORK = """
+import os, signal, sys, tempfile
+from metaapo_nemo import stopping
+from metaapo_nemo.distributed import init_distributed
+from metaapo_nemo.models.config import ModelConfig
+from metaapo_nemo.models.policy import MegatronPolicy, OptimConfig
+
+init_distributed()
+policy = MegatronPolicy(ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_attention_heads=2,
+                                    num_query_groups=2, ffn_hidden_size=64, max_position_embeddings=64),
+                        None, pad_id=0, optim=OptimConfig(lr=1e-3))
+stopping.install(None)
+sent = []  # one signal, at the first fork
+os.register_at_fork(after_in_parent=lambda: sent or (sent.append(1), os.kill(os.getpid(), signal.SIGTERM)))
+try:
+    policy.save_checkpoint(tempfile.mkdtemp())
+    print("saved", flush=True)
+except stopping.RunStopped as e:
+    print(f"RunStopped {e.signum} after the save", flush=True)
+"""
+
+
+def test_a_stop_lost_in_the_checkpoint_saves_fork_is_raised_when_the_save_returns():
+    proc = subprocess.run([sys.executable, "-c", LOST_IN_A_CHECKPOINT_FORK], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert "Exception ignored" in proc.stderr and "RunStopped" in proc.stderr, proc.stderr[-3000:]  # lost, as Python does
+    assert proc.stdout == f"RunStopped {signal.SIGTERM} after the save\n", proc.stdout + proc.stderr[-3000:]
+
+
 def test_install_refuses_an_unknown_checkpoint_signal():
     with pytest.raises(ValueError, match="SIGHUP"):
         stopping.install("SIGHUP")
