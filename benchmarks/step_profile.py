@@ -12,9 +12,8 @@ the parts of a decoder layer's forward (megatron-core's functions and ours), per
 --against-hf: what megatron-core's eager modules cost against transformers' Llama at identical
 work: one forward and backward (of the logits' logsumexp summed) of the same batch of --shape
 (rows, columns) token ids, causal, no mask, no shared prompts, full LM head, through our fp32
-megatron-core model
-and HF's LlamaForCausalLM holding the same weights (their logits checked equal first); CPU
-milliseconds per call, the two alternating, 10 calls a round, the median over --rounds.
+megatron-core model and HF's LlamaForCausalLM holding the same weights (their logits checked equal
+first); CPU milliseconds per call, the two alternating, 10 calls a round, the median over --rounds.
 """
 from __future__ import annotations
 

@@ -25,9 +25,9 @@ initialisation) for both. Ratios are ours over TRL's speed, i.e. TRL's median se
     TRL's.
 (b) our fastest setting against TRL's defaults: ours fp32 or bf16 (Megatron mixed precision:
     bf16 weights, fp32 main weights and gradients), whichever has the lower median, reference
-    log-probs precomputed as in (a), in bf16 in batches of BEST_REFERENCE_BATCH sequences; TRL's DPOConfig defaults: a reference-model forward in every
-    step (the reference model a copy of the policy), bf16 autocast (its default also on the CPU),
-    gradient checkpointing. ratio_dpo_best.
+    log-probs precomputed as in (a), in batches of BEST_REFERENCE_BATCH sequences; TRL's DPOConfig
+    defaults: a reference-model forward in every step (the reference model a copy of the policy),
+    bf16 autocast (its default also on the CPU), gradient checkpointing. ratio_dpo_best.
 (c) one online iteration at equal work, fp32 on both: the same prompts, 2 samples per prompt at
     temperature 1, the same max new tokens, the toy task's programmatic reward as a Python
     callable on both sides, then one epoch of DPO on the resulting pairs. K = 2 on both sides
@@ -41,8 +41,9 @@ initialisation) for both. Ratios are ours over TRL's speed, i.e. TRL's median se
     ratio_online_iteration.
 (d) one online iteration, each side's best setting: ours fp32 (c) or bf16 (the policy and reference
     in Megatron bf16, the reference pass in batches of BEST_REFERENCE_BATCH sequences, the torch
-    engine in fp32 as the pipeline runs it on the CPU), whichever has the lower median; TRL's (c) or OnlineDPOConfig's defaults (bf16 autocast, gradient
-    checkpointing), whichever has the lower median. ratio_online_best.
+    engine in fp32 as the pipeline runs it on the CPU), whichever has the lower median; TRL's (c)
+    or OnlineDPOConfig's defaults (bf16 autocast, gradient checkpointing), whichever has the lower
+    median. ratio_online_best.
 
 Prints the per-repeat seconds and medians as a table (with the median CPU seconds of this process
 beside them: on a busy machine wall time also holds the waits for a core, CPU time does not),

@@ -80,7 +80,7 @@ def _stop(signum, frame) -> None:
         os._exit(128 + signum)
     _stopped_by = signum
     # The RunStopped below can be lost: Python drops an exception raised inside a fork's callbacks
-    # (logging's lock release, at every subprocess start) or a finaliser. The loop re-raises it at
+    # (logging's lock release; megatron's checkpoint save forks its writers) or a finaliser. The loop re-raises it at
     # its next step (raise_if_stopped), but a rank whose peers have stopped may never get there,
     # waiting in a collective: whatever happens, the process ends STOP_GRACE_S after the signal,
     # which also bounds a cleanup that hangs (the local reward server's own grace is 10 s).
